@@ -1,0 +1,379 @@
+//! Throw-away local PostgreSQL clusters for integration tests (feature `testkit`).
+//!
+//! [`LocalCluster`] starts a real primary and any number of streaming
+//! replicas from the machine's PostgreSQL server binaries, in a fresh
+//! temporary directory, on free 127.0.0.1 ports, and removes all of it when
+//! dropped, also when a test panics. It is what pgxkit's own tests and the
+//! quickstart stand on, and it is yours for your integration tests.
+//!
+//! ```no_run
+//! use pgxkit::testkit::LocalCluster;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let cluster = LocalCluster::start(2)?; // a primary and two replicas
+//! let mut primary = cluster.primary().client()?;
+//! primary.batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")?;
+//! cluster.wait_for_replicas_caught_up(std::time::Duration::from_secs(10))?;
+//! let mut replica = cluster.replicas()[0].client()?;
+//! let n: i64 = replica.query_one("SELECT count(*) FROM t", &[])?.get(0);
+//! assert_eq!(n, 1);
+//! # Ok(()) }
+//! ```
+//!
+//! Binaries are found through `pg_config --bindir`, then the newest
+//! `/usr/lib/postgresql/*/bin`, unless [`LocalClusterBuilder::bin_dir`] names
+//! them. When the process runs as root the servers run as the `postgres` OS
+//! user, since PostgreSQL refuses to run as root. Authentication is `trust`
+//! for user `postgres` on loopback only.
+//!
+//! If the test process is killed with SIGKILL no destructor runs and its
+//! servers are left behind (their data directories hold `pgxkit-` in the path).
+
+mod error;
+mod node;
+mod process;
+
+use std::fs;
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use error::Error;
+pub use node::LocalNode;
+
+use process::Runner;
+
+/// Settings written to every node's `postgresql.conf`: loopback only, no
+/// Unix socket, and durability traded for speed (the data is thrown away).
+const BASE_SETTINGS: &[(&str, &str)] = &[
+    ("listen_addresses", "'127.0.0.1'"),
+    ("unix_socket_directories", "''"),
+    ("fsync", "off"),
+    ("full_page_writes", "off"),
+    ("shared_buffers", "'32MB'"),
+    ("max_connections", "200"),
+    ("wal_keep_size", "'512MB'"),
+    ("wal_retrieve_retry_interval", "'200ms'"),
+    ("wal_receiver_status_interval", "'1s'"),
+    ("hot_standby", "on"),
+];
+
+/// A primary and its streaming replicas, running until dropped.
+///
+/// Dropping it stops every server (immediate shutdown) and removes the
+/// temporary directory that held their data and logs.
+///
+/// ```no_run
+/// # fn main() -> Result<(), pgxkit::testkit::Error> {
+/// let cluster = pgxkit::testkit::LocalCluster::builder().replicas(2).start()?;
+/// println!("primary at {}", cluster.primary_dsn());
+/// for dsn in cluster.replica_dsns() {
+///     println!("replica at {dsn}");
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct LocalCluster {
+    // Nodes drop (and stop) before the directory holding their data goes.
+    nodes: Vec<LocalNode>,
+    dir: tempfile::TempDir,
+    timeout: Duration,
+}
+
+impl LocalCluster {
+    /// A builder, to choose the number of replicas and other settings.
+    pub fn builder() -> LocalClusterBuilder {
+        LocalClusterBuilder::default()
+    }
+
+    /// Starts a primary and `replicas` streaming replicas with the default
+    /// settings; the same as `LocalCluster::builder().replicas(n).start()`.
+    pub fn start(replicas: usize) -> Result<Self, Error> {
+        Self::builder().replicas(replicas).start()
+    }
+
+    /// The primary (node 0).
+    pub fn primary(&self) -> &LocalNode {
+        &self.nodes[0]
+    }
+
+    /// The replicas, in order (`replica1` first).
+    pub fn replicas(&self) -> &[LocalNode] {
+        &self.nodes[1..]
+    }
+
+    /// Node `i`: 0 is the primary, 1.. the replicas; `None` past the end.
+    pub fn node(&self, i: usize) -> Option<&LocalNode> {
+        self.nodes.get(i)
+    }
+
+    /// All nodes, the primary first.
+    pub fn nodes(&self) -> &[LocalNode] {
+        &self.nodes
+    }
+
+    /// The primary's connection string.
+    pub fn primary_dsn(&self) -> String {
+        self.primary().dsn()
+    }
+
+    /// The replicas' connection strings, in order.
+    pub fn replica_dsns(&self) -> Vec<String> {
+        self.replicas().iter().map(LocalNode::dsn).collect()
+    }
+
+    /// The temporary directory that holds every node's data and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Waits until every running replica has replayed all WAL the primary
+    /// had written when this call began. Bounded by `timeout`; the error
+    /// names the replica that did not catch up.
+    pub fn wait_for_replicas_caught_up(&self, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        let primary = self.primary();
+        let lsn = primary.wal_position(&mut primary.client()?)?;
+        for replica in self.replicas().iter().filter(|r| r.is_running()) {
+            replica.wait_replayed(&lsn, deadline)?;
+        }
+        Ok(())
+    }
+
+    fn add_node(&mut self, name: String, port: u16, runner: &Arc<Runner>) -> &LocalNode {
+        let data_dir = self.dir.path().join(&name);
+        let log_path = self.dir.path().join(format!("{name}.log"));
+        self.nodes.push(LocalNode::new(
+            name,
+            port,
+            data_dir,
+            log_path,
+            Arc::clone(runner),
+            self.timeout,
+        ));
+        &self.nodes[self.nodes.len() - 1]
+    }
+}
+
+/// Settings for a [`LocalCluster`]; `start()` creates and starts it.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use pgxkit::testkit::LocalCluster;
+///
+/// # fn main() -> Result<(), pgxkit::testkit::Error> {
+/// let cluster = LocalCluster::builder()
+///     .replicas(1)
+///     .timeout(Duration::from_secs(30))
+///     .setting("log_min_duration_statement", "0")
+///     .start()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct LocalClusterBuilder {
+    replicas: usize,
+    bin_dir: Option<PathBuf>,
+    temp_root: Option<PathBuf>,
+    port: Option<u16>,
+    timeout: Duration,
+    settings: Vec<(String, String)>,
+}
+
+impl Default for LocalClusterBuilder {
+    fn default() -> Self {
+        LocalClusterBuilder {
+            replicas: 0,
+            bin_dir: None,
+            temp_root: None,
+            port: None,
+            timeout: Duration::from_secs(60),
+            settings: Vec::new(),
+        }
+    }
+}
+
+impl LocalClusterBuilder {
+    /// How many streaming replicas to start beside the primary. Defaults to 0.
+    pub fn replicas(mut self, n: usize) -> Self {
+        self.replicas = n;
+        self
+    }
+
+    /// The directory holding `initdb`, `postgres` and `pg_basebackup`.
+    /// Defaults to `pg_config --bindir`, then the newest `/usr/lib/postgresql/*/bin`.
+    pub fn bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.bin_dir = Some(dir.into());
+        self
+    }
+
+    /// Where the cluster's temporary directory is created. Defaults to
+    /// [`std::env::temp_dir()`]. The server's OS user must be able to enter it.
+    pub fn temp_root(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.temp_root = Some(dir.into());
+        self
+    }
+
+    /// The primary's port. Defaults to a free port chosen at start; the
+    /// replicas always get free ports.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// The bound on every wait: each command, each start, each stop, the
+    /// replicas' first streaming. Defaults to 60 seconds.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// A server setting for every node, written to `postgresql.conf`
+    /// (`value` as it would appear there: quote strings, e.g. `"'on'"`).
+    pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Creates the cluster and waits until every node accepts connections and
+    /// every replica streams from the primary.
+    ///
+    /// Blocks for the whole start-up (a few seconds); each step is bounded by
+    /// [`timeout`](Self::timeout). On any error everything started so far is
+    /// stopped and removed.
+    pub fn start(self) -> Result<LocalCluster, Error> {
+        let bin_dir = match &self.bin_dir {
+            Some(dir) => {
+                process::check_bin_dir(dir)?;
+                dir.clone()
+            }
+            None => process::find_bin_dir()?,
+        };
+        let root = self.temp_root.clone().unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new()
+            .prefix("pgxkit-")
+            .tempdir_in(&root)
+            .map_err(|e| {
+                Error::new(
+                    "create directory",
+                    format!(
+                        "cannot create a temporary directory in {}: {e}",
+                        root.display()
+                    ),
+                )
+            })?;
+        let runner = Arc::new(Runner::new(bin_dir, dir.path().to_path_buf())?);
+        runner.hand_over(dir.path())?;
+        let ports = self.ports()?;
+        let mut cluster = LocalCluster {
+            nodes: Vec::with_capacity(ports.len()),
+            dir,
+            timeout: self.timeout,
+        };
+
+        let primary = cluster.add_node("primary".to_owned(), ports[0], &runner);
+        let data_dir = primary.data_dir().to_string_lossy().into_owned();
+        runner
+            .run(
+                "initdb",
+                "initdb",
+                &[
+                    "-D",
+                    &data_dir,
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                    "--no-instructions",
+                ],
+                primary.log_path(),
+                self.timeout,
+            )
+            .map_err(|e| e.on_node("primary"))?;
+        self.write_settings(primary)?;
+        primary.start()?;
+
+        for (i, port) in ports.iter().enumerate().skip(1) {
+            let primary_port = cluster.primary().port().to_string();
+            let replica = cluster.add_node(format!("replica{i}"), *port, &runner);
+            let data_dir = replica.data_dir().to_string_lossy().into_owned();
+            runner
+                .run(
+                    "pg_basebackup",
+                    "pg_basebackup",
+                    &[
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &primary_port,
+                        "-U",
+                        "postgres",
+                        "-D",
+                        &data_dir,
+                        "-R",
+                        "-X",
+                        "stream",
+                        "--checkpoint=fast",
+                        "--no-sync",
+                    ],
+                    replica.log_path(),
+                    self.timeout,
+                )
+                .map_err(|e| e.on_node(replica.name()))?;
+            replica.start()?;
+        }
+        for replica in cluster.replicas() {
+            replica.wait_streaming()?;
+        }
+        Ok(cluster)
+    }
+
+    /// One free loopback port per node; the primary's may be given.
+    fn ports(&self) -> Result<Vec<u16>, Error> {
+        // Hold every listener until all are chosen so no two nodes share one.
+        let mut listeners = Vec::with_capacity(self.replicas + 1);
+        if let Some(port) = self.port {
+            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map_err(|e| {
+                Error::new(
+                    "choose ports",
+                    format!("port {port} on 127.0.0.1 is not available: {e}"),
+                )
+                .on_node("primary")
+            })?;
+            listeners.push(listener);
+        }
+        while listeners.len() < self.replicas + 1 {
+            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| {
+                Error::new("choose ports", format!("no free port on 127.0.0.1: {e}"))
+            })?;
+            listeners.push(listener);
+        }
+        listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::new("choose ports", e.to_string()))
+    }
+
+    fn write_settings(&self, node: &LocalNode) -> Result<(), Error> {
+        let path = node.data_dir().join("postgresql.conf");
+        let mut text = String::from("\n# pgxkit testkit\n");
+        for (name, value) in BASE_SETTINGS
+            .iter()
+            .map(|(n, v)| (*n, *v))
+            .chain(self.settings.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+        {
+            text.push_str(&format!("{name} = {value}\n"));
+        }
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| node.error("configure", format!("cannot write {}: {e}", path.display())))
+    }
+}

@@ -1,0 +1,355 @@
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::error::Error;
+use super::process::{self, POLL, Runner};
+
+/// One server of a [`LocalCluster`](super::LocalCluster): the primary
+/// (node 0) or a streaming replica.
+///
+/// Every method that waits is bounded by the cluster's timeout
+/// ([`LocalClusterBuilder::timeout`](super::LocalClusterBuilder::timeout),
+/// 60 s by default) and returns an [`Error`] naming the node, the step and the
+/// tail of the server log when it runs out.
+///
+/// ```no_run
+/// # fn main() -> Result<(), pgxkit::testkit::Error> {
+/// let cluster = pgxkit::testkit::LocalCluster::start(1)?;
+/// let replica = &cluster.replicas()[0];
+/// replica.kill()?;            // SIGKILL, as a crash
+/// replica.start()?;           // back, and streaming again
+/// replica.pause_replay()?;    // now it falls behind the primary
+/// replica.resume_replay()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct LocalNode {
+    name: String,
+    port: u16,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    runner: Arc<Runner>,
+    timeout: Duration,
+    postmaster: Mutex<Option<Child>>,
+}
+
+impl LocalNode {
+    pub(crate) fn new(
+        name: String,
+        port: u16,
+        data_dir: PathBuf,
+        log_path: PathBuf,
+        runner: Arc<Runner>,
+        timeout: Duration,
+    ) -> Self {
+        LocalNode {
+            name,
+            port,
+            data_dir,
+            log_path,
+            runner,
+            timeout,
+            postmaster: Mutex::new(None),
+        }
+    }
+
+    /// The node's name: `primary`, `replica1`, `replica2`, ...
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The loopback TCP port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection string for this server: user `postgres`, database
+    /// `postgres`, trust authentication on 127.0.0.1.
+    pub fn dsn(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The server's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The server's log file (its stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The postmaster's process id while the server runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.lock().as_ref().map(Child::id)
+    }
+
+    /// Whether the postmaster is running.
+    pub fn is_running(&self) -> bool {
+        let mut guard = self.lock();
+        match guard.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(_) => {
+                *guard = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// A new `postgres::Client` to this server (connect timeout 5 s).
+    pub fn client(&self) -> Result<postgres::Client, Error> {
+        self.connect(Duration::from_secs(5))
+            .map_err(|e| self.error("connect", format!("cannot connect: {e}")))
+    }
+
+    fn connect(&self, timeout: Duration) -> Result<postgres::Client, postgres::Error> {
+        postgres::Config::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres")
+            .connect_timeout(timeout)
+            .connect(postgres::NoTls)
+    }
+
+    /// Starts the server and waits until it accepts connections. Starting a
+    /// running server is a no-op.
+    pub fn start(&self) -> Result<(), Error> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let port = self.port.to_string();
+        let data_dir = self.data_dir.to_string_lossy();
+        let cluster_name = format!("cluster_name=pgxkit-{}", self.name);
+        let child = self
+            .runner
+            .command("postgres", &self.log_path)
+            .map_err(|e| e.on_node(&self.name))?
+            .args(["-D", &data_dir, "-p", &port, "-c", &cluster_name])
+            .spawn()
+            .map_err(|e| self.error("start", format!("cannot run postgres: {e}")))?;
+        *self.lock() = Some(child);
+        self.wait_ready()
+    }
+
+    /// Waits until the server accepts connections, failing early when it exits.
+    fn wait_ready(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if !self.is_running() {
+                return Err(self.error("start", "the server exited while starting"));
+            }
+            let last = match self.connect(Duration::from_secs(1)) {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                return Err(self.error(
+                    "start",
+                    format!(
+                        "not accepting connections on port {} after {:?}: {last}",
+                        self.port, self.timeout
+                    ),
+                ));
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Stops the server with a fast shutdown (SIGINT: sessions are ended,
+    /// a checkout-consistent state is written) and waits for it to exit.
+    pub fn stop(&self) -> Result<(), Error> {
+        self.shut_down(Signal::SIGINT, "stop")
+    }
+
+    /// Stops and starts the server again.
+    pub fn restart(&self) -> Result<(), Error> {
+        self.stop()?;
+        self.start()
+    }
+
+    /// Kills the server as a crash would: SIGKILL to the postmaster and to
+    /// every one of its processes, then waits until all are gone. Unlike
+    /// [`stop`](Self::stop) nothing is written; [`start`](Self::start)
+    /// then runs crash recovery.
+    pub fn kill(&self) -> Result<(), Error> {
+        let mut guard = self.lock();
+        let Some(mut child) = guard.take() else {
+            return Ok(());
+        };
+        drop(guard);
+        let backends = process::children_of(child.id());
+        let _ = child.kill();
+        for pid in &backends {
+            process::send_signal(*pid, Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + self.timeout;
+        let reaped = process::wait_exit(&mut child, deadline).is_some();
+        if reaped && process::wait_gone(&backends, deadline) {
+            Ok(())
+        } else {
+            Err(self.error("kill", "server processes still alive after SIGKILL"))
+        }
+    }
+
+    /// Stops with `signal`; escalates to SIGKILL if the deadline passes.
+    pub(crate) fn shut_down(&self, signal: Signal, step: &'static str) -> Result<(), Error> {
+        let Some(mut child) = self.lock().take() else {
+            return Ok(());
+        };
+        process::send_signal(child.id(), signal);
+        if process::wait_exit(&mut child, Instant::now() + self.timeout).is_some() {
+            return Ok(());
+        }
+        let backends = process::children_of(child.id());
+        let _ = child.kill();
+        for pid in &backends {
+            process::send_signal(*pid, Signal::SIGKILL);
+        }
+        let _ = process::wait_exit(&mut child, Instant::now() + self.timeout);
+        Err(self.error(
+            step,
+            format!(
+                "the server did not exit within {:?}; it was killed",
+                self.timeout
+            ),
+        ))
+    }
+
+    /// Pauses WAL replay on a replica (`pg_wal_replay_pause()`): it keeps
+    /// receiving WAL but applies none, so it falls behind for real.
+    pub fn pause_replay(&self) -> Result<(), Error> {
+        self.execute("pause replay", "SELECT pg_wal_replay_pause()")
+    }
+
+    /// Resumes WAL replay on a replica (`pg_wal_replay_resume()`).
+    pub fn resume_replay(&self) -> Result<(), Error> {
+        self.execute("resume replay", "SELECT pg_wal_replay_resume()")
+    }
+
+    /// Promotes a replica to a writable primary and waits until it is one.
+    pub fn promote(&self) -> Result<(), Error> {
+        let seconds = i32::try_from(self.timeout.as_secs().max(1)).unwrap_or(i32::MAX);
+        let mut client = self.client()?;
+        let promoted: bool = client
+            .query_one("SELECT pg_promote(true, $1)", &[&seconds])
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| self.error("promote", e.to_string()))?;
+        if promoted {
+            Ok(())
+        } else {
+            Err(self.error(
+                "promote",
+                format!("not promoted within {seconds} s (is it a replica?)"),
+            ))
+        }
+    }
+
+    /// The WAL position this node has replayed (replica) or written (primary).
+    pub(crate) fn wal_position(&self, client: &mut postgres::Client) -> Result<String, Error> {
+        client
+            .query_one(
+                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                 ELSE pg_current_wal_lsn() END)::text",
+                &[],
+            )
+            .and_then(|row| row.try_get::<_, Option<String>>(0))
+            .map_err(|e| self.error("read WAL position", e.to_string()))?
+            .ok_or_else(|| self.error("read WAL position", "no WAL position"))
+    }
+
+    /// Waits until this replica's WAL receiver streams from the primary.
+    pub(crate) fn wait_streaming(&self) -> Result<(), Error> {
+        self.wait_until("wait for streaming", |client| {
+            let row = client.query_opt(
+                "SELECT status FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+                &[],
+            )?;
+            Ok(row.is_some())
+        })
+    }
+
+    /// Waits until this replica has replayed WAL up to `lsn`.
+    pub(crate) fn wait_replayed(&self, lsn: &str, deadline: Instant) -> Result<(), Error> {
+        self.wait_until_deadline("wait for catch-up", deadline, |client| {
+            let row = client.query_one(
+                "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)",
+                &[&lsn],
+            )?;
+            row.try_get(0)
+        })
+    }
+
+    fn wait_until(
+        &self,
+        step: &'static str,
+        check: impl FnMut(&mut postgres::Client) -> Result<bool, postgres::Error>,
+    ) -> Result<(), Error> {
+        self.wait_until_deadline(step, Instant::now() + self.timeout, check)
+    }
+
+    fn wait_until_deadline(
+        &self,
+        step: &'static str,
+        deadline: Instant,
+        mut check: impl FnMut(&mut postgres::Client) -> Result<bool, postgres::Error>,
+    ) -> Result<(), Error> {
+        let mut client = None;
+        loop {
+            let outcome = match client.as_mut() {
+                Some(c) => check(c).map_err(|e| e.to_string()),
+                None => self
+                    .connect(Duration::from_secs(1))
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut c| {
+                        let done = check(&mut c).map_err(|e| e.to_string());
+                        client = Some(c);
+                        done
+                    }),
+            };
+            let why = match outcome {
+                Ok(true) => return Ok(()),
+                Ok(false) => "condition not met".to_owned(),
+                Err(e) => {
+                    client = None;
+                    e
+                }
+            };
+            if Instant::now() >= deadline {
+                return Err(self.error(step, format!("gave up at the deadline: {why}")));
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    fn execute(&self, step: &'static str, sql: &str) -> Result<(), Error> {
+        self.client()?
+            .batch_execute(sql)
+            .map_err(|e| self.error(step, e.to_string()))
+    }
+
+    pub(crate) fn error(&self, step: &'static str, message: impl Into<String>) -> Error {
+        Error::new(step, message)
+            .on_node(&self.name)
+            .with_log(&self.log_path)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Child>> {
+        self.postmaster
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for LocalNode {
+    fn drop(&mut self) {
+        // Immediate shutdown (SIGQUIT): the cluster is thrown away anyway.
+        let _ = self.shut_down(Signal::SIGQUIT, "stop");
+    }
+}
