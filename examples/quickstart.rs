@@ -1,40 +1,99 @@
-//! pgxkit quickstart: starts a throw-away primary with two streaming replicas
-//! and shows replication working.
+//! pgxkit quickstart.
 //!
 //! ```sh
 //! cargo run --example quickstart
 //! ```
+//!
+//! With no configuration it starts a throw-away primary with two streaming
+//! replicas (the testkit) and runs a small workload through a `Cluster`;
+//! with `POSTGRES_HOST` set it uses your servers instead (`Cluster::from_env`,
+//! replicas from `POSTGRES_REPLICA_HOSTS`) and works in a temporary table.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use pgxkit::Cluster;
 use pgxkit::testkit::LocalCluster;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let started = Instant::now();
-    let cluster = LocalCluster::start(2)?;
-    println!(
-        "started a primary and 2 replicas in {:.1?}",
-        started.elapsed()
-    );
-    for node in cluster.nodes() {
-        println!("  {:<9} {}", node.name(), node.dsn());
+    let mut _local = None;
+    let cluster = if std::env::var_os("POSTGRES_HOST").is_some() {
+        println!("using the servers from POSTGRES_* variables");
+        Cluster::from_env()?
+    } else {
+        let started = Instant::now();
+        let local = LocalCluster::start(2)?;
+        println!(
+            "started a throw-away primary and 2 replicas in {:.1?}",
+            started.elapsed()
+        );
+        let builder = Cluster::builder()
+            .primary(local.primary_dsn())
+            .replica(local.replica_dsns()[0].clone())
+            .replica(local.replica_dsns()[1].clone());
+        _local = Some(local);
+        builder.application_name("pgxkit-quickstart").build()?
+    };
+    for node in &cluster.stats().nodes {
+        println!("  {}", node.node);
     }
 
-    let mut primary = cluster.primary().client()?;
-    primary.batch_execute(
-        "CREATE TABLE greetings (id serial PRIMARY KEY, text text NOT NULL);
-         INSERT INTO greetings (text) VALUES ('hello'), ('from'), ('the primary');",
+    // Writes go to the primary.
+    cluster.batch_execute(
+        "DROP TABLE IF EXISTS quickstart_users;
+         CREATE TABLE quickstart_users (id bigserial PRIMARY KEY, name text NOT NULL)",
     )?;
-    cluster.wait_for_replicas_caught_up(Duration::from_secs(10))?;
-    for replica in cluster.replicas() {
-        let mut client = replica.client()?;
-        let row = client.query_one(
-            "SELECT string_agg(text, ' ' ORDER BY id), inet_server_port() FROM greetings",
+    let mut writes_by_port: BTreeMap<i32, u32> = BTreeMap::new();
+    for name in ["ada", "grace", "edsger", "barbara", "donald"] {
+        let row = cluster.query_one(
+            "INSERT INTO quickstart_users (name) VALUES ($1) RETURNING inet_server_port()",
+            &[&name],
+        )?;
+        *writes_by_port.entry(row.get(0)).or_default() += 1;
+    }
+
+    // Reads go round-robin to the replicas, once they have the rows.
+    if let Some(local) = &_local {
+        local.wait_for_replicas_caught_up(Duration::from_secs(10))?;
+    } else {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cluster
+            .read_query_opt("SELECT 1 FROM quickstart_users HAVING count(*) = 5", &[])
+            .is_ok_and(|row| row.is_some())
+        {
+            if Instant::now() > deadline {
+                return Err("the replicas did not catch up within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let mut reads_by_port: BTreeMap<i32, u32> = BTreeMap::new();
+    for _ in 0..100 {
+        let row = cluster.read_query_one(
+            "SELECT inet_server_port(), count(*) FROM quickstart_users",
             &[],
         )?;
-        let text: String = row.get(0);
-        let port: i32 = row.get(1);
-        println!("{} (port {port}) reads: {text}", replica.name());
+        *reads_by_port.entry(row.get(0)).or_default() += 1;
+    }
+    cluster.batch_execute("DROP TABLE quickstart_users")?;
+
+    println!("\nwrites by server port: {writes_by_port:?}");
+    println!("reads by server port:  {reads_by_port:?}");
+    println!(
+        "\n{:<10} {:>4} {:>6} {:>5} {:>9} {:>9}",
+        "node", "max", "total", "idle", "acquires", "new conns"
+    );
+    for node in cluster.stats().nodes {
+        let p = &node.pool;
+        println!(
+            "{:<10} {:>4} {:>6} {:>5} {:>9} {:>9}",
+            node.node.name(),
+            p.max_conns,
+            p.total_conns,
+            p.idle_conns,
+            p.acquire_count,
+            p.new_conns
+        );
     }
     Ok(())
 }

@@ -2,5 +2,28 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+mod balancer;
+mod cluster;
+mod config;
+mod dsn;
+mod env;
+mod error;
+mod health;
+mod manager;
+mod node;
+mod stats;
+mod sync;
+mod tls;
+
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
+pub use cluster::Cluster;
+pub use config::ClusterBuilder;
+pub use dsn::{SslMode, parse_duration, redact_dsn};
+pub use env::{dsn_from_env, dsn_from_env_with};
+pub use error::{Error, ErrorKind, NodeInfo, Result, Role};
+pub use stats::{ClusterStats, NodeStats, PoolStats};
+
+/// The driver's types that appear in pgxkit's API.
+pub use postgres::{self, Row, types::ToSql};

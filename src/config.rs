@@ -1,0 +1,387 @@
+//! `ClusterBuilder`: every option, with its default; validation in `build()`.
+
+use std::fmt;
+use std::time::Duration;
+
+use postgres_native_tls::MakeTlsConnector;
+
+use crate::cluster::Cluster;
+use crate::dsn::{Dsn, PoolOverrides, redact_dsn};
+use crate::error::{Error, NodeInfo, Result, Role};
+use crate::tls;
+
+/// Configures and builds a [`Cluster`]. Setters never fail; `build()`
+/// validates everything and returns an [`ErrorKind::Config`](crate::ErrorKind::Config)
+/// error naming the offending key.
+///
+/// Pool options set here apply to every node and win over the same setting
+/// in a DSN (`pool_max_conns=...`); a DSN's setting wins over the default.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use pgxkit::Cluster;
+///
+/// # fn main() -> Result<(), pgxkit::Error> {
+/// let cluster = Cluster::builder()
+///     .primary("postgres://app@db-primary/app")
+///     .replica("postgres://app@db-replica-1/app")
+///     .replica("postgres://app@db-replica-2/app")
+///     .max_conns(30)
+///     .min_conns(5)
+///     .max_conn_lifetime(Duration::from_secs(3600))
+///     .max_conn_lifetime_jitter(Duration::from_secs(600))
+///     .max_conn_idle_time(Duration::from_secs(1800))
+///     .application_name("billing")
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct ClusterBuilder {
+    pub(crate) primary: Option<String>,
+    pub(crate) replicas: Vec<String>,
+    pub(crate) pool: PoolOverrides,
+    checkout_timeout: Duration,
+    connect_timeout: Option<Duration>,
+    validate_after_idle: Duration,
+    application_name: Option<String>,
+    lazy_connect: bool,
+}
+
+/// Defaults, in one place for the docs and the code.
+pub(crate) mod defaults {
+    use std::time::Duration;
+
+    pub(crate) fn max_conns() -> u32 {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        u32::try_from(cpus).unwrap_or(u32::MAX).max(4)
+    }
+    pub(crate) const MAX_CONN_LIFETIME: Duration = Duration::from_secs(3600);
+    pub(crate) const MAX_CONN_IDLE_TIME: Duration = Duration::from_secs(1800);
+    pub(crate) const HEALTH_CHECK_PERIOD: Duration = Duration::from_secs(10);
+    pub(crate) const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(10);
+    pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    pub(crate) const VALIDATE_AFTER_IDLE: Duration = Duration::from_secs(1);
+    pub(crate) const APPLICATION_NAME: &str = "pgxkit";
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        ClusterBuilder {
+            primary: None,
+            replicas: Vec::new(),
+            pool: PoolOverrides::default(),
+            checkout_timeout: defaults::CHECKOUT_TIMEOUT,
+            connect_timeout: None,
+            validate_after_idle: defaults::VALIDATE_AFTER_IDLE,
+            application_name: None,
+            lazy_connect: false,
+        }
+    }
+}
+
+impl fmt::Debug for ClusterBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterBuilder")
+            .field("primary", &self.primary.as_deref().map(redact_dsn))
+            .field(
+                "replicas",
+                &self
+                    .replicas
+                    .iter()
+                    .map(|d| redact_dsn(d))
+                    .collect::<Vec<_>>(),
+            )
+            .field("pool", &self.pool)
+            .field("checkout_timeout", &self.checkout_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("validate_after_idle", &self.validate_after_idle)
+            .field("application_name", &self.application_name)
+            .field("lazy_connect", &self.lazy_connect)
+            .finish()
+    }
+}
+
+impl ClusterBuilder {
+    /// A builder configured from `POSTGRES_*` environment variables, to be
+    /// adjusted further before `build()`. Read only when this is called.
+    ///
+    /// | variable | meaning | default |
+    /// |---|---|---|
+    /// | `POSTGRES_HOST` | primary host | `localhost` |
+    /// | `POSTGRES_PORT` | port of every node without its own | `5432` |
+    /// | `POSTGRES_USER` | user | the OS user (`$USER`), else `postgres` |
+    /// | `POSTGRES_PASSWORD` | password | none |
+    /// | `POSTGRES_PASSWORD_FILE` | file holding the password (one trailing newline dropped); not with `POSTGRES_PASSWORD` | none |
+    /// | `POSTGRES_DB` | database | the user name |
+    /// | `POSTGRES_SSLMODE` | `disable`, `prefer`, `require`, `verify-ca`, `verify-full` | `prefer` |
+    /// | `POSTGRES_SSLROOTCERT`, `POSTGRES_SSLCERT`, `POSTGRES_SSLKEY` | TLS files (libpq's `sslrootcert`, `sslcert`, `sslkey`) | none |
+    /// | `POSTGRES_MAX_CONNS` | [`max_conns`](Self::max_conns) | CPUs, at least 4 |
+    /// | `POSTGRES_MIN_CONNS` | [`min_conns`](Self::min_conns) | 0 |
+    /// | `POSTGRES_MAX_CONN_LIFETIME` | [`max_conn_lifetime`](Self::max_conn_lifetime), e.g. `1h` | `1h` |
+    /// | `POSTGRES_MAX_CONN_IDLE_TIME` | [`max_conn_idle_time`](Self::max_conn_idle_time), e.g. `30m` | `30m` |
+    /// | `POSTGRES_HEALTH_CHECK_PERIOD` | [`health_check_period`](Self::health_check_period), e.g. `1m` | `10s` |
+    /// | `POSTGRES_REPLICA_HOSTS` | replicas, `host[:port],...` | none |
+    /// | `POSTGRES_READ_USER`, `POSTGRES_READ_PASSWORD` | replicas' credentials | the primary's |
+    ///
+    /// An empty variable counts as unset. A bad value is an
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) error naming the variable.
+    ///
+    /// ```no_run
+    /// let cluster = pgxkit::ClusterBuilder::from_env()?.application_name("worker").build()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn from_env() -> Result<Self> {
+        crate::env::builder_from_env(&|key| std::env::var(key).ok())
+    }
+
+    /// [`from_env`](Self::from_env) with the variables looked up through
+    /// `lookup` instead of the process environment.
+    ///
+    /// ```
+    /// let builder = pgxkit::ClusterBuilder::from_env_with(|key| match key {
+    ///     "POSTGRES_HOST" => Some("db-primary".into()),
+    ///     "POSTGRES_REPLICA_HOSTS" => Some("db-replica-1,db-replica-2:6432".into()),
+    ///     _ => None,
+    /// })?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn from_env_with(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        crate::env::builder_from_env(&lookup)
+    }
+
+    /// The primary's DSN (URL or key=value). Required.
+    pub fn primary(mut self, dsn: impl Into<String>) -> Self {
+        self.primary = Some(dsn.into());
+        self
+    }
+
+    /// Adds a read replica's DSN; call once per replica. Defaults to none:
+    /// reads then go to the primary.
+    pub fn replica(mut self, dsn: impl Into<String>) -> Self {
+        self.replicas.push(dsn.into());
+        self
+    }
+
+    /// Maximum connections per node. Defaults to the DSN's `pool_max_conns`,
+    /// else the number of CPUs, at least 4.
+    pub fn max_conns(mut self, n: u32) -> Self {
+        self.pool.max_conns = Some(n);
+        self
+    }
+
+    /// Connections per node kept open even when idle. Defaults to the DSN's
+    /// `pool_min_conns`, else 0.
+    pub fn min_conns(mut self, n: u32) -> Self {
+        self.pool.min_conns = Some(n);
+        self
+    }
+
+    /// How long a connection may live before it is closed (when next
+    /// returned or checked out; idle ones within 30 s). Defaults to the DSN's
+    /// `pool_max_conn_lifetime`, else 1 hour.
+    pub fn max_conn_lifetime(mut self, d: Duration) -> Self {
+        self.pool.max_conn_lifetime = Some(d);
+        self
+    }
+
+    /// Each connection's lifetime is `max_conn_lifetime` plus a random part
+    /// of this, so a pool never recycles all its connections at once.
+    /// Defaults to the DSN's `pool_max_conn_lifetime_jitter`, else 0.
+    pub fn max_conn_lifetime_jitter(mut self, d: Duration) -> Self {
+        self.pool.max_conn_lifetime_jitter = Some(d);
+        self
+    }
+
+    /// How long a connection may sit idle before it is closed (checked every
+    /// 30 s). Defaults to the DSN's `pool_max_conn_idle_time`, else 30 minutes.
+    pub fn max_conn_idle_time(mut self, d: Duration) -> Self {
+        self.pool.max_conn_idle_time = Some(d);
+        self
+    }
+
+    /// How often the health monitor probes each node. Defaults to the
+    /// primary DSN's `pool_health_check_period`, else 10 seconds.
+    pub fn health_check_period(mut self, d: Duration) -> Self {
+        self.pool.health_check_period = Some(d);
+        self
+    }
+
+    /// How long an operation waits for a pooled connection (including
+    /// opening a new one) before failing with
+    /// [`ErrorKind::PoolTimeout`](crate::ErrorKind::PoolTimeout) or
+    /// [`ErrorKind::Connect`](crate::ErrorKind::Connect). Defaults to 10 seconds.
+    pub fn checkout_timeout(mut self, d: Duration) -> Self {
+        self.checkout_timeout = d;
+        self
+    }
+
+    /// How long opening one connection may take. Defaults to the DSN's
+    /// `connect_timeout`, else 10 seconds.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = Some(d);
+        self
+    }
+
+    /// A pooled connection idle for longer than this is checked with a
+    /// round trip before it is handed out; fresher ones are not, so a busy
+    /// pool pays no ping per checkout. Defaults to 1 second.
+    pub fn validate_after_idle(mut self, d: Duration) -> Self {
+        self.validate_after_idle = d;
+        self
+    }
+
+    /// `application_name` of every connection (shown in `pg_stat_activity`).
+    /// Defaults to the DSN's, else `pgxkit`.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = Some(name.into());
+        self
+    }
+
+    /// When `true`, `build()` does not connect to the primary first, so it
+    /// succeeds while the primary is down. Defaults to `false`: an
+    /// unreachable primary fails `build()`. Unreachable replicas never do.
+    pub fn lazy_connect(mut self, lazy: bool) -> Self {
+        self.lazy_connect = lazy;
+        self
+    }
+
+    /// Validates the configuration, opens the pools and returns the cluster.
+    ///
+    /// Blocks while it connects once to each node (each attempt bounded by
+    /// the connect timeout): the primary must answer unless
+    /// [`lazy_connect`](Self::lazy_connect) is set; a replica that does not is
+    /// logged and left out of reads until a health probe reaches it.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) for bad input, naming
+    /// the key; [`ErrorKind::Connect`](crate::ErrorKind::Connect) when the
+    /// primary cannot be reached.
+    pub fn build(self) -> Result<Cluster> {
+        Cluster::start(self.resolve()?)
+    }
+
+    pub(crate) fn resolve(&self) -> Result<ClusterConfig> {
+        let primary_dsn = self
+            .primary
+            .as_deref()
+            .ok_or_else(|| Error::config("primary: no primary DSN given (call .primary(dsn))"))?;
+        let primary = self
+            .node("primary".to_owned(), Role::Primary, primary_dsn)
+            .map_err(|e| e.context("primary DSN"))?;
+        let replicas = self
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, dsn)| {
+                let name = format!("replica{}", i + 1);
+                self.node(name.clone(), Role::Replica, dsn)
+                    .map_err(|e| e.context(&format!("{name} DSN")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        positive("checkout_timeout", self.checkout_timeout)?;
+        let health_check_period = self
+            .pool
+            .health_check_period
+            .or(primary.health_check_period)
+            .unwrap_or(defaults::HEALTH_CHECK_PERIOD);
+        positive("health_check_period", health_check_period)?;
+        Ok(ClusterConfig {
+            primary,
+            replicas,
+            checkout_timeout: self.checkout_timeout,
+            validate_after_idle: self.validate_after_idle,
+            health_check_period,
+            lazy_connect: self.lazy_connect,
+        })
+    }
+
+    fn node(&self, name: String, role: Role, dsn: &str) -> Result<NodeConfig> {
+        let mut parsed = Dsn::parse(dsn)?;
+        let p = self.pool.or(parsed.pool);
+        let pool = PoolConfig {
+            max_conns: p.max_conns.unwrap_or_else(defaults::max_conns),
+            min_conns: p.min_conns.unwrap_or(0),
+            max_conn_lifetime: p.max_conn_lifetime.unwrap_or(defaults::MAX_CONN_LIFETIME),
+            max_conn_lifetime_jitter: p.max_conn_lifetime_jitter.unwrap_or(Duration::ZERO),
+            max_conn_idle_time: p.max_conn_idle_time.unwrap_or(defaults::MAX_CONN_IDLE_TIME),
+        };
+        pool.validate()?;
+        let connect_timeout = self
+            .connect_timeout
+            .or(parsed.pg.get_connect_timeout().copied())
+            .unwrap_or(defaults::CONNECT_TIMEOUT);
+        positive("connect_timeout", connect_timeout)?;
+        parsed.pg.connect_timeout(connect_timeout);
+        match (&self.application_name, parsed.pg.get_application_name()) {
+            (Some(name), _) => {
+                parsed.pg.application_name(name);
+            }
+            (None, None) => {
+                parsed.pg.application_name(defaults::APPLICATION_NAME);
+            }
+            (None, Some(_)) => {}
+        }
+        let tls = tls::connector(&parsed.tls, &mut parsed.pg)?;
+        Ok(NodeConfig {
+            info: NodeInfo::new(name, role, parsed.address()),
+            health_check_period: parsed.pool.health_check_period,
+            pg: parsed.pg,
+            tls,
+            pool,
+        })
+    }
+}
+
+fn positive(key: &str, d: Duration) -> Result<()> {
+    if d.is_zero() {
+        Err(Error::config(format!("{key}: must be greater than zero")))
+    } else {
+        Ok(())
+    }
+}
+
+/// One node's pool settings, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PoolConfig {
+    pub(crate) max_conns: u32,
+    pub(crate) min_conns: u32,
+    pub(crate) max_conn_lifetime: Duration,
+    pub(crate) max_conn_lifetime_jitter: Duration,
+    pub(crate) max_conn_idle_time: Duration,
+}
+
+impl PoolConfig {
+    fn validate(&self) -> Result<()> {
+        if self.max_conns == 0 {
+            return Err(Error::config("max_conns: must be at least 1"));
+        }
+        if self.min_conns > self.max_conns {
+            return Err(Error::config(format!(
+                "min_conns: {} is more than max_conns {}",
+                self.min_conns, self.max_conns
+            )));
+        }
+        positive("max_conn_lifetime", self.max_conn_lifetime)?;
+        positive("max_conn_idle_time", self.max_conn_idle_time)
+    }
+}
+
+/// One node, ready to be opened.
+pub(crate) struct NodeConfig {
+    pub(crate) info: NodeInfo,
+    pub(crate) pg: postgres::Config,
+    pub(crate) tls: MakeTlsConnector,
+    pub(crate) pool: PoolConfig,
+    pub(crate) health_check_period: Option<Duration>,
+}
+
+/// The whole cluster's settings, resolved and validated.
+pub(crate) struct ClusterConfig {
+    pub(crate) primary: NodeConfig,
+    pub(crate) replicas: Vec<NodeConfig>,
+    pub(crate) checkout_timeout: Duration,
+    pub(crate) validate_after_idle: Duration,
+    pub(crate) health_check_period: Duration,
+    pub(crate) lazy_connect: bool,
+}

@@ -1,0 +1,223 @@
+//! `POSTGRES_*` environment variables to a DSN and a cluster configuration.
+//!
+//! Read only when asked (`from_env`, `dsn_from_env`), never behind the
+//! user's back. An empty variable counts as unset.
+
+use std::time::Duration;
+
+use crate::config::ClusterBuilder;
+use crate::dsn::{SslMode, parse_duration, percent_encode};
+use crate::error::{Error, Result};
+
+/// The primary's DSN from `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_USER`,
+/// `POSTGRES_PASSWORD` or `POSTGRES_PASSWORD_FILE`, `POSTGRES_DB`,
+/// `POSTGRES_SSLMODE` and `POSTGRES_SSLROOTCERT` / `POSTGRES_SSLCERT` /
+/// `POSTGRES_SSLKEY`, with libpq's defaults (the Go library's `GetDSN`).
+///
+/// The result holds the password: do not log it (see [`redact_dsn`](crate::redact_dsn)).
+///
+/// ```no_run
+/// let dsn = pgxkit::dsn_from_env()?;
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
+pub fn dsn_from_env() -> Result<String> {
+    dsn_from_env_with(|key| std::env::var(key).ok())
+}
+
+/// [`dsn_from_env`] with the variables looked up through `lookup`, for
+/// configuration held elsewhere and for tests.
+///
+/// ```
+/// let dsn = pgxkit::dsn_from_env_with(|key| match key {
+///     "POSTGRES_HOST" => Some("db.internal".into()),
+///     "POSTGRES_USER" => Some("app".into()),
+///     "POSTGRES_SSLMODE" => Some("require".into()),
+///     _ => None,
+/// })?;
+/// assert_eq!(dsn, "postgres://app@db.internal:5432/app?sslmode=require");
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
+pub fn dsn_from_env_with(lookup: impl Fn(&str) -> Option<String>) -> Result<String> {
+    let env = Env(&lookup);
+    let conn = Connection::read(&env)?;
+    Ok(conn.dsn(&conn.host, conn.port, &conn.user, conn.password.as_deref()))
+}
+
+/// Builds a [`ClusterBuilder`] from the environment; see
+/// [`ClusterBuilder::from_env_with`].
+pub(crate) fn builder_from_env(lookup: &dyn Fn(&str) -> Option<String>) -> Result<ClusterBuilder> {
+    let env = Env(lookup);
+    let conn = Connection::read(&env)?;
+    let mut builder = ClusterBuilder::default().primary(conn.dsn(
+        &conn.host,
+        conn.port,
+        &conn.user,
+        conn.password.as_deref(),
+    ));
+    let read_user = env
+        .get("POSTGRES_READ_USER")
+        .unwrap_or_else(|| conn.user.clone());
+    let read_password = env
+        .get("POSTGRES_READ_PASSWORD")
+        .or_else(|| conn.password.clone());
+    if let Some(hosts) = env.get("POSTGRES_REPLICA_HOSTS") {
+        for spec in hosts.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (host, port) = split_replica(spec)?;
+            builder = builder.replica(conn.dsn(
+                host,
+                port.unwrap_or(conn.port),
+                &read_user,
+                read_password.as_deref(),
+            ));
+        }
+    }
+    builder.pool.max_conns = env.parse_u32("POSTGRES_MAX_CONNS")?;
+    builder.pool.min_conns = env.parse_u32("POSTGRES_MIN_CONNS")?;
+    builder.pool.max_conn_lifetime = env.duration("POSTGRES_MAX_CONN_LIFETIME")?;
+    builder.pool.max_conn_idle_time = env.duration("POSTGRES_MAX_CONN_IDLE_TIME")?;
+    builder.pool.health_check_period = env.duration("POSTGRES_HEALTH_CHECK_PERIOD")?;
+    Ok(builder)
+}
+
+fn split_replica(spec: &str) -> Result<(&str, Option<u16>)> {
+    let (host, port) = match spec.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, Some(p)),
+        _ => (spec, None),
+    };
+    let port = port
+        .map(|p| {
+            p.parse::<u16>().map_err(|_| {
+                Error::config(format!(
+                    "POSTGRES_REPLICA_HOSTS: invalid port `{p}` in `{spec}` (expected host[:port],...)"
+                ))
+            })
+        })
+        .transpose()?;
+    Ok((host.trim_start_matches('[').trim_end_matches(']'), port))
+}
+
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    fn get(&self, key: &str) -> Option<String> {
+        (self.0)(key).filter(|v| !v.is_empty())
+    }
+
+    fn parse_u32(&self, key: &str) -> Result<Option<u32>> {
+        self.get(key)
+            .map(|v| {
+                v.trim().parse::<u32>().map_err(|_| {
+                    Error::config(format!(
+                        "{key}: invalid value `{v}`: not a non-negative whole number"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    fn duration(&self, key: &str) -> Result<Option<Duration>> {
+        self.get(key)
+            .map(|v| {
+                parse_duration(&v)
+                    .map_err(|why| Error::config(format!("{key}: invalid value `{v}`: {why}")))
+            })
+            .transpose()
+    }
+}
+
+/// The connection part of the environment, with libpq's defaults.
+struct Connection {
+    host: String,
+    port: u16,
+    user: String,
+    password: Option<String>,
+    db: String,
+    sslmode: SslMode,
+    tls_files: Vec<(&'static str, String)>,
+}
+
+impl Connection {
+    fn read(env: &Env<'_>) -> Result<Self> {
+        let host = env
+            .get("POSTGRES_HOST")
+            .unwrap_or_else(|| "localhost".to_owned());
+        let port = match env.get("POSTGRES_PORT") {
+            Some(p) => p.trim().parse::<u16>().map_err(|_| {
+                Error::config(format!(
+                    "POSTGRES_PORT: invalid value `{p}`: not a port number"
+                ))
+            })?,
+            None => 5432,
+        };
+        // libpq's default user is the OS user; its default database, the user.
+        let user = env
+            .get("POSTGRES_USER")
+            .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| "postgres".to_owned());
+        let password = match (
+            env.get("POSTGRES_PASSWORD"),
+            env.get("POSTGRES_PASSWORD_FILE"),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(Error::config(
+                    "POSTGRES_PASSWORD_FILE: both POSTGRES_PASSWORD and POSTGRES_PASSWORD_FILE are set; set one",
+                ));
+            }
+            (Some(p), None) => Some(p),
+            (None, Some(path)) => Some(read_password_file(&path)?),
+            (None, None) => None,
+        };
+        let db = env.get("POSTGRES_DB").unwrap_or_else(|| user.clone());
+        let sslmode = match env.get("POSTGRES_SSLMODE") {
+            Some(mode) => mode
+                .parse::<SslMode>()
+                .map_err(|e| e.context("POSTGRES_SSLMODE"))?,
+            None => SslMode::Prefer,
+        };
+        let tls_files = [
+            ("sslrootcert", "POSTGRES_SSLROOTCERT"),
+            ("sslcert", "POSTGRES_SSLCERT"),
+            ("sslkey", "POSTGRES_SSLKEY"),
+        ]
+        .into_iter()
+        .filter_map(|(key, var)| env.get(var).map(|v| (key, v)))
+        .collect();
+        Ok(Connection {
+            host,
+            port,
+            user,
+            password,
+            db,
+            sslmode,
+            tls_files,
+        })
+    }
+
+    fn dsn(&self, host: &str, port: u16, user: &str, password: Option<&str>) -> String {
+        let credentials = match password {
+            Some(p) => format!("{}:{}", percent_encode(user), percent_encode(p)),
+            None => percent_encode(user),
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            percent_encode(host)
+        };
+        let mut dsn = format!(
+            "postgres://{credentials}@{host}:{port}/{}?sslmode={}",
+            percent_encode(&self.db),
+            self.sslmode
+        );
+        for (key, value) in &self.tls_files {
+            dsn.push_str(&format!("&{key}={}", percent_encode(value)));
+        }
+        dsn
+    }
+}
+
+fn read_password_file(path: &str) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::config(format!("POSTGRES_PASSWORD_FILE: cannot read {path}: {e}")))?;
+    // Secrets mounted from files usually end with a newline that is not part of them.
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
+}

@@ -1,0 +1,429 @@
+//! One error type for the whole crate, with a public kind.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postgres::error::{DbError, SqlState};
+
+/// `Result<T, pgxkit::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, in a form to match on.
+///
+/// ```
+/// use pgxkit::{Cluster, ErrorKind};
+///
+/// let err = Cluster::builder().primary("postgres://app@db/app?pool_max_conns=0").build().unwrap_err();
+/// assert_eq!(err.kind(), ErrorKind::Config);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Bad configuration: a DSN, an option, an environment variable, a file.
+    Config,
+    /// A connection to a node could not be established.
+    Connect,
+    /// No connection became available within the checkout timeout.
+    PoolTimeout,
+    /// The server answered with an error (see [`Error::code`]).
+    Db,
+    /// The connection broke while an operation was running (I/O error,
+    /// server closed the connection).
+    Closed,
+    /// `query_one` / `read_query_one` found no row.
+    NotFound,
+    /// `query_one` / `query_opt` found more than one row.
+    TooManyRows,
+    /// The node's circuit breaker is open: the call failed fast.
+    CircuitOpen,
+    /// No replica is eligible for reads and the fallback policy says fail.
+    NoEligibleReplica,
+    /// The cluster is shutting down or shut down.
+    ShuttingDown,
+    /// A deadline passed.
+    Timeout,
+    /// A hook vetoed the operation, returned an error or panicked.
+    Hook,
+}
+
+impl ErrorKind {
+    fn describe(self) -> &'static str {
+        match self {
+            ErrorKind::Config => "invalid configuration",
+            ErrorKind::Connect => "cannot connect",
+            ErrorKind::PoolTimeout => "timed out waiting for a pooled connection",
+            ErrorKind::Db => "database error",
+            ErrorKind::Closed => "connection closed during the operation",
+            ErrorKind::NotFound => "no row found",
+            ErrorKind::TooManyRows => "more than one row found",
+            ErrorKind::CircuitOpen => "circuit breaker open",
+            ErrorKind::NoEligibleReplica => "no replica eligible for reads",
+            ErrorKind::ShuttingDown => "the cluster is shutting down",
+            ErrorKind::Timeout => "deadline exceeded",
+            ErrorKind::Hook => "hook failed",
+        }
+    }
+}
+
+/// Whether a node is the primary (writes) or a replica (reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The primary: every write and every operation not marked as a read.
+    Primary,
+    /// A read replica.
+    Replica,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        })
+    }
+}
+
+/// Which node an error, an event or a statistic is about: its name, role
+/// and address. Never holds credentials.
+///
+/// ```
+/// # let cluster = pgxkit::Cluster::builder()
+/// #     .primary("postgres://app@127.0.0.1:1/app").lazy_connect(true).build().unwrap();
+/// let node = &cluster.stats().nodes[0].node;
+/// assert_eq!(node.name(), "primary");
+/// assert_eq!(node.role(), pgxkit::Role::Primary);
+/// assert_eq!(node.address(), "127.0.0.1:1");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeInfo(Arc<NodeInfoInner>);
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct NodeInfoInner {
+    name: String,
+    role: Role,
+    address: String,
+}
+
+impl NodeInfo {
+    pub(crate) fn new(name: String, role: Role, address: String) -> Self {
+        NodeInfo(Arc::new(NodeInfoInner {
+            name,
+            role,
+            address,
+        }))
+    }
+
+    /// The node's name: `primary`, `replica1`, `replica2`, ...
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// The node's role.
+    pub fn role(&self) -> Role {
+        self.0.role
+    }
+
+    /// `host:port` of the node (the first host when several are given).
+    pub fn address(&self) -> &str {
+        &self.0.address
+    }
+}
+
+impl fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.name == self.0.role.to_string() {
+            write!(f, "{} ({})", self.0.name, self.0.address)
+        } else {
+            write!(f, "{} {} ({})", self.0.role, self.0.name, self.0.address)
+        }
+    }
+}
+
+/// The error of every pgxkit operation.
+///
+/// `Display` names what failed and on which node; the underlying cause (the
+/// driver's error, an I/O error) is reached through [`source()`](StdError::source),
+/// so it is not printed twice by error reporters. No password ever appears.
+///
+/// ```
+/// use pgxkit::{Cluster, ErrorKind};
+///
+/// let err = Cluster::builder()
+///     .primary("postgres://app:s3cret@db/app?sslmode=sometimes")
+///     .build()
+///     .unwrap_err();
+/// assert_eq!(err.kind(), ErrorKind::Config);
+/// assert!(err.to_string().contains("sslmode"));
+/// assert!(!err.to_string().contains("s3cret"));
+/// ```
+pub struct Error(Box<Inner>);
+
+struct Inner {
+    kind: ErrorKind,
+    node: Option<NodeInfo>,
+    detail: Option<String>,
+    source: Option<Box<dyn StdError + Send + Sync>>,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind) -> Self {
+        Error(Box::new(Inner {
+            kind,
+            node: None,
+            detail: None,
+            source: None,
+        }))
+    }
+
+    pub(crate) fn config(detail: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Config).with_detail(detail)
+    }
+
+    pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.0.detail = Some(detail.into());
+        self
+    }
+
+    /// Prefixes the detail with where it came from (`primary DSN: port: ...`).
+    pub(crate) fn context(mut self, what: &str) -> Self {
+        self.0.detail = Some(match self.0.detail.take() {
+            Some(detail) => format!("{what}: {detail}"),
+            None => what.to_owned(),
+        });
+        self
+    }
+
+    pub(crate) fn with_node(mut self, node: &NodeInfo) -> Self {
+        self.0.node = Some(node.clone());
+        self
+    }
+
+    pub(crate) fn with_source(
+        mut self,
+        source: impl Into<Box<dyn StdError + Send + Sync>>,
+    ) -> Self {
+        self.0.source = Some(source.into());
+        self
+    }
+
+    /// Wraps a driver error, classifying it.
+    pub(crate) fn from_postgres(err: postgres::Error, node: &NodeInfo) -> Self {
+        Error::new(classify(&err)).with_node(node).with_source(err)
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.0.kind
+    }
+
+    /// The node the error happened on, if it is about one.
+    pub fn node(&self) -> Option<&NodeInfo> {
+        self.0.node.as_ref()
+    }
+
+    /// The SQLSTATE the server sent, if any.
+    pub fn code(&self) -> Option<&SqlState> {
+        self.as_postgres().and_then(postgres::Error::code)
+    }
+
+    /// The server's error (message, detail, hint, position...), if any.
+    pub fn as_db_error(&self) -> Option<&DbError> {
+        self.as_postgres().and_then(postgres::Error::as_db_error)
+    }
+
+    /// The driver's error, if this one wraps it.
+    pub fn as_postgres(&self) -> Option<&postgres::Error> {
+        self.0.source.as_deref()?.downcast_ref::<postgres::Error>()
+    }
+
+    /// Whether the failure is about the connection or the node rather than
+    /// the statement: could not connect, connection lost, checkout timeout,
+    /// SQLSTATE class 08 or 57P01-57P03. These are the failures that count
+    /// against a node's circuit breaker; a unique violation or a syntax error
+    /// never does.
+    pub fn is_connection_error(&self) -> bool {
+        match self.0.kind {
+            ErrorKind::Connect | ErrorKind::Closed | ErrorKind::PoolTimeout => {
+                !self.code().is_some_and(is_auth_failure)
+            }
+            ErrorKind::Db => self.code().is_some_and(is_connection_state),
+            _ => false,
+        }
+    }
+
+    /// Whether running the same operation again may succeed: connection
+    /// errors (but not authentication failures), serialization failures
+    /// (40001) and deadlocks (40P01). Constraint violations, syntax errors,
+    /// `NotFound` and configuration errors are not retryable.
+    pub fn is_retryable(&self) -> bool {
+        self.is_connection_error()
+            || self.code().is_some_and(|c| {
+                *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+            })
+    }
+
+    /// How long until an open circuit breaker lets a call through, for
+    /// [`ErrorKind::CircuitOpen`].
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.0
+            .source
+            .as_deref()?
+            .downcast_ref::<RetryAfter>()
+            .map(|r| r.0)
+    }
+}
+
+/// Carries the wait of a `CircuitOpen` error as its source.
+#[derive(Debug)]
+pub(crate) struct RetryAfter(pub(crate) Duration);
+
+impl fmt::Display for RetryAfter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "next attempt allowed in {:?}", self.0)
+    }
+}
+
+impl StdError for RetryAfter {}
+
+/// SQLSTATE class 08 (connection exception) and 57P01-57P03 (the server is
+/// shutting down, crashed, or cannot accept connections now).
+pub(crate) fn is_connection_state(code: &SqlState) -> bool {
+    code.code().starts_with("08")
+        || *code == SqlState::ADMIN_SHUTDOWN
+        || *code == SqlState::CRASH_SHUTDOWN
+        || *code == SqlState::CANNOT_CONNECT_NOW
+}
+
+fn is_auth_failure(code: &SqlState) -> bool {
+    code.code().starts_with("28")
+}
+
+/// The kind of a driver error: a server error with a connection-level
+/// SQLSTATE is still `Db` (its code says the rest); a closed connection or
+/// an I/O error is `Closed`.
+fn classify(err: &postgres::Error) -> ErrorKind {
+    if err.as_db_error().is_some() {
+        ErrorKind::Db
+    } else if err.is_closed() || source_is_io(err) {
+        ErrorKind::Closed
+    } else {
+        ErrorKind::Db
+    }
+}
+
+fn source_is_io(err: &postgres::Error) -> bool {
+    let mut source = err.source();
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.0.kind)
+            .field("node", &self.0.node)
+            .field("detail", &self.0.detail)
+            .field("code", &self.code().map(SqlState::code))
+            .field("message", &self.as_db_error().map(DbError::message))
+            .field("db_detail", &self.as_db_error().and_then(DbError::detail))
+            .field("hint", &self.as_db_error().and_then(DbError::hint))
+            .field("source", &self.0.source.as_deref().map(source_chain))
+            .finish()
+    }
+}
+
+/// A source and its own sources, joined: the driver's `Display` says only
+/// "db error" and keeps the server's words one level down.
+fn source_chain(err: &(dyn StdError + Send + Sync)) -> String {
+    let mut text = err.to_string();
+    let mut next = err.source();
+    while let Some(s) = next {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        next = s.source();
+    }
+    text
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.kind.describe())?;
+        if let Some(code) = self.code() {
+            write!(f, " {}", code.code())?;
+        }
+        if let Some(node) = &self.0.node {
+            write!(f, " on {node}")?;
+        }
+        if let Some(detail) = &self.0.detail {
+            write!(f, ": {detail}")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.0
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_stays_one_pointer_wide() {
+        assert_eq!(std::mem::size_of::<Error>(), std::mem::size_of::<usize>());
+        assert_eq!(
+            std::mem::size_of::<Result<()>>(),
+            std::mem::size_of::<usize>()
+        );
+    }
+
+    #[test]
+    fn display_names_kind_node_and_detail_once() {
+        let node = NodeInfo::new("replica2".into(), Role::Replica, "10.0.0.2:5432".into());
+        let err = Error::new(ErrorKind::PoolTimeout)
+            .with_node(&node)
+            .with_detail("waited 2s");
+        assert_eq!(
+            err.to_string(),
+            "timed out waiting for a pooled connection on replica replica2 (10.0.0.2:5432): waited 2s"
+        );
+        assert!(err.is_connection_error() && err.is_retryable());
+    }
+
+    #[test]
+    fn statement_errors_are_not_connection_errors() {
+        for kind in [
+            ErrorKind::NotFound,
+            ErrorKind::Config,
+            ErrorKind::Hook,
+            ErrorKind::TooManyRows,
+        ] {
+            let err = Error::new(kind);
+            assert!(!err.is_connection_error(), "{kind:?}");
+            assert!(!err.is_retryable(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn connection_sqlstates() {
+        for code in ["08000", "08006", "08P01", "57P01", "57P02", "57P03"] {
+            assert!(is_connection_state(&SqlState::from_code(code)), "{code}");
+        }
+        for code in ["23505", "42601", "40001", "57014", "28P01"] {
+            assert!(!is_connection_state(&SqlState::from_code(code)), "{code}");
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Our r2d2 connection manager: opens connections with the node's TLS
+//! settings, gives each its own lifetime within the jitter, remembers when it
+//! was last returned (for validation after idling), and counts what happens
+//! to connections without taking a lock.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use postgres_native_tls::MakeTlsConnector;
+
+use crate::error::NodeInfo;
+use crate::sync::lock;
+
+/// A pooled connection: the driver's client plus what the pool needs to know.
+pub(crate) struct Conn {
+    pub(crate) client: postgres::Client,
+    expires: Instant,
+    returned: Instant,
+    /// Set when an operation saw the connection fail; it is then discarded.
+    pub(crate) broken: bool,
+}
+
+impl Conn {
+    pub(crate) fn expired(&self, now: Instant) -> bool {
+        now >= self.expires
+    }
+
+    pub(crate) fn idle_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.returned)
+    }
+}
+
+/// Lock-free counters of one node's pool, read by `stats()`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) acquires: AtomicU64,
+    pub(crate) acquire_wait_nanos: AtomicU64,
+    pub(crate) checkout_timeouts: AtomicU64,
+    pub(crate) created: AtomicU64,
+    pub(crate) connect_failures: AtomicU64,
+    pub(crate) closed_lifetime: AtomicU64,
+    pub(crate) closed_idle: AtomicU64,
+    pub(crate) closed_broken: AtomicU64,
+    pub(crate) validations: AtomicU64,
+}
+
+/// State shared by a node's manager and the node itself.
+#[derive(Debug)]
+pub(crate) struct PoolShared {
+    pub(crate) node: NodeInfo,
+    pub(crate) counters: Counters,
+    /// The latest failure to connect (cleared by a success), so a checkout
+    /// timeout can say why no connection came.
+    last_connect_error: Mutex<Option<(Instant, String)>>,
+}
+
+impl PoolShared {
+    pub(crate) fn new(node: NodeInfo) -> Arc<Self> {
+        Arc::new(PoolShared {
+            node,
+            counters: Counters::default(),
+            last_connect_error: Mutex::new(None),
+        })
+    }
+
+    /// The latest connect failure if it happened at or after `since`.
+    pub(crate) fn connect_error_since(&self, since: Instant) -> Option<String> {
+        lock(&self.last_connect_error)
+            .as_ref()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, msg)| msg.clone())
+    }
+}
+
+/// What opens a connection to one node: the driver config and TLS.
+pub(crate) struct Connector {
+    pub(crate) pg: postgres::Config,
+    pub(crate) tls: MakeTlsConnector,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // postgres::Config's Debug redacts the password.
+        f.debug_struct("Connector")
+            .field("pg", &self.pg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// Opens one connection outside any pool (bounded by the connect timeout).
+    pub(crate) fn connect(&self) -> Result<postgres::Client, postgres::Error> {
+        self.pg.connect(self.tls.clone())
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Manager {
+    connector: Arc<Connector>,
+    lifetime: Duration,
+    jitter: Duration,
+    shared: Arc<PoolShared>,
+}
+
+impl Manager {
+    pub(crate) fn new(
+        connector: Arc<Connector>,
+        lifetime: Duration,
+        jitter: Duration,
+        shared: Arc<PoolShared>,
+    ) -> Self {
+        Manager {
+            connector,
+            lifetime,
+            jitter,
+            shared,
+        }
+    }
+
+    /// This connection's own lifetime: the maximum plus a random share of the jitter.
+    fn lifetime(&self) -> Duration {
+        let jitter_nanos = u64::try_from(self.jitter.as_nanos()).unwrap_or(u64::MAX);
+        let extra = if jitter_nanos == 0 {
+            0
+        } else {
+            fastrand::u64(0..jitter_nanos)
+        };
+        self.lifetime + Duration::from_nanos(extra)
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<Conn, postgres::Error> {
+        match self.connector.connect() {
+            Ok(client) => {
+                self.shared.counters.created.fetch_add(1, Relaxed);
+                *lock(&self.shared.last_connect_error) = None;
+                let now = Instant::now();
+                Ok(Conn {
+                    client,
+                    expires: now + self.lifetime(),
+                    returned: now,
+                    broken: false,
+                })
+            }
+            Err(e) => {
+                self.shared.counters.connect_failures.fetch_add(1, Relaxed);
+                *lock(&self.shared.last_connect_error) = Some((Instant::now(), e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), postgres::Error> {
+        conn.client.is_valid(Duration::from_secs(5))
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        let now = Instant::now();
+        conn.returned = now;
+        conn.broken || conn.client.is_closed() || conn.expired(now)
+    }
+}
+
+/// Counts why connections leave the pool (r2d2 calls this outside its lock).
+#[derive(Debug)]
+pub(crate) struct ReleaseCounter(pub(crate) Arc<PoolShared>);
+
+impl r2d2::CustomizeConnection<Conn, postgres::Error> for ReleaseCounter {
+    fn on_release(&self, conn: Conn) {
+        let counters = &self.0.counters;
+        let counter = if conn.broken || conn.client.is_closed() {
+            &counters.closed_broken
+        } else if conn.expired(Instant::now()) {
+            &counters.closed_lifetime
+        } else {
+            &counters.closed_idle
+        };
+        counter.fetch_add(1, Relaxed);
+        log::debug!("closing a connection to {}", self.0.node);
+    }
+}
+
+/// Logs r2d2's background connect failures at debug level: callers get
+/// the failure in their own error, and a down node would otherwise flood
+/// the log with one line per retry.
+#[derive(Debug)]
+pub(crate) struct ConnectErrorLog(pub(crate) NodeInfo);
+
+impl r2d2::HandleError<postgres::Error> for ConnectErrorLog {
+    fn handle_error(&self, error: postgres::Error) {
+        log::debug!("cannot connect to {}: {error}", self.0);
+    }
+}

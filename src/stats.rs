@@ -1,0 +1,107 @@
+//! Point-in-time snapshots of the pools (what pgxpool's `Stat` reports, per node).
+
+use std::time::Duration;
+
+use crate::error::{NodeInfo, Role};
+
+/// One pool's numbers at the moment `stats()` was called. Counters count
+/// from the cluster's start.
+///
+/// ```no_run
+/// # fn main() -> Result<(), pgxkit::Error> {
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@db/app")?;
+/// let stats = cluster.stats();
+/// let primary = &stats.primary().pool;
+/// println!("{} of {} in use, {} checkout timeouts",
+///          primary.in_use_conns, primary.max_conns, primary.checkout_timeouts);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// The most connections the pool may hold.
+    pub max_conns: u32,
+    /// Connections open now (idle plus in use).
+    pub total_conns: u32,
+    /// Open connections waiting in the pool.
+    pub idle_conns: u32,
+    /// Connections checked out now.
+    pub in_use_conns: u32,
+    /// Successful checkouts.
+    pub acquire_count: u64,
+    /// Time spent waiting in successful checkouts, summed.
+    pub acquire_wait: Duration,
+    /// Checkouts that gave up at the checkout timeout.
+    pub checkout_timeouts: u64,
+    /// Connections opened.
+    pub new_conns: u64,
+    /// Attempts to open a connection that failed.
+    pub connect_failures: u64,
+    /// Connections closed because their lifetime was over.
+    pub closed_lifetime: u64,
+    /// Connections closed after sitting idle too long.
+    pub closed_idle: u64,
+    /// Connections discarded as broken.
+    pub closed_broken: u64,
+    /// Idle connections checked with a round trip before being handed out.
+    pub validations: u64,
+}
+
+impl PoolStats {
+    /// `in_use_conns / max_conns`, from 0.0 to 1.0.
+    pub fn utilization(&self) -> f64 {
+        if self.max_conns == 0 {
+            0.0
+        } else {
+            f64::from(self.in_use_conns) / f64::from(self.max_conns)
+        }
+    }
+}
+
+/// One node's snapshot.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NodeStats {
+    /// Which node.
+    pub node: NodeInfo,
+    /// Whether the node's last health probe (or the check at `build()`) succeeded.
+    pub up: bool,
+    /// Its pool.
+    pub pool: PoolStats,
+}
+
+/// Every node's snapshot, the primary first.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClusterStats {
+    /// The primary, then the replicas in the order they were configured.
+    pub nodes: Vec<NodeStats>,
+}
+
+impl ClusterStats {
+    /// The primary's snapshot.
+    pub fn primary(&self) -> &NodeStats {
+        // A cluster always has its primary first.
+        &self.nodes[0]
+    }
+
+    /// The replicas' snapshots.
+    pub fn replicas(&self) -> impl Iterator<Item = &NodeStats> {
+        self.nodes.iter().filter(|n| n.node.role() == Role::Replica)
+    }
+
+    /// The snapshot of the node called `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeStats> {
+        self.nodes.iter().find(|n| n.node.name() == name)
+    }
+
+    /// Successful checkouts on all nodes together.
+    pub fn total_acquire_count(&self) -> u64 {
+        self.nodes.iter().map(|n| n.pool.acquire_count).sum()
+    }
+
+    /// Connections checked out now, on all nodes together.
+    pub fn total_in_use(&self) -> u32 {
+        self.nodes.iter().map(|n| n.pool.in_use_conns).sum()
+    }
+}

@@ -1,0 +1,107 @@
+//! libpq `sslmode` semantics on top of native-tls and postgres-native-tls.
+//!
+//! | sslmode | encrypted | chain verified | host name verified |
+//! |---|---|---|---|
+//! | `disable` | no | - | - |
+//! | `prefer` | if the server offers TLS | no | no |
+//! | `require` | yes | only with `sslrootcert` | no |
+//! | `verify-ca` | yes | yes | no |
+//! | `verify-full` | yes | yes | yes |
+
+use std::path::Path;
+
+use native_tls::{Certificate, Identity, TlsConnector};
+use postgres::config::SslMode as PgSslMode;
+use postgres_native_tls::MakeTlsConnector;
+
+use crate::dsn::{RootCert, SslMode, TlsSettings};
+use crate::error::{Error, Result};
+
+/// Builds the connector for one node and sets the driver's ssl mode.
+/// Every file is read here, so a missing or bad file fails `build()`.
+pub(crate) fn connector(tls: &TlsSettings, pg: &mut postgres::Config) -> Result<MakeTlsConnector> {
+    pg.ssl_mode(match tls.mode {
+        SslMode::Disable => PgSslMode::Disable,
+        SslMode::Prefer => PgSslMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
+    });
+    let mut builder = TlsConnector::builder();
+    let verify_chain = match tls.mode {
+        SslMode::Disable | SslMode::Prefer => false,
+        SslMode::Require => tls.root_cert.is_some(),
+        SslMode::VerifyCa | SslMode::VerifyFull => {
+            if tls.root_cert.is_none() {
+                return Err(Error::config(format!(
+                    "sslrootcert: sslmode={} needs sslrootcert (a PEM file of trusted CAs, or `system`)",
+                    tls.mode
+                )));
+            }
+            true
+        }
+    };
+    builder.danger_accept_invalid_certs(!verify_chain);
+    builder.danger_accept_invalid_hostnames(tls.mode != SslMode::VerifyFull);
+    if let Some(RootCert::File(path)) = &tls.root_cert {
+        builder.disable_built_in_roots(true);
+        for cert in read_certificates("sslrootcert", path)? {
+            builder.add_root_certificate(cert);
+        }
+    }
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            let cert_pem = read_file("sslcert", cert)?;
+            let key_pem = read_file("sslkey", key)?;
+            let identity = Identity::from_pkcs8(&cert_pem, &key_pem).map_err(|e| {
+                Error::config(format!(
+                    "sslkey: {} with {}: not a usable PEM certificate and PKCS#8 key pair ({e})",
+                    key.display(),
+                    cert.display()
+                ))
+            })?;
+            builder.identity(identity);
+        }
+        (None, Some(_)) => return Err(Error::config("sslkey: set without sslcert")),
+        (Some(_), None) => return Err(Error::config("sslcert: set without sslkey")),
+        (None, None) => {}
+    }
+    let connector = builder
+        .build()
+        .map_err(|e| Error::config(format!("sslmode: cannot set up TLS: {e}")))?;
+    Ok(MakeTlsConnector::new(connector))
+}
+
+fn read_file(key: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::config(format!("{key}: cannot read {}: {e}", path.display())))
+}
+
+/// Every certificate in a PEM file; at least one.
+fn read_certificates(key: &str, path: &Path) -> Result<Vec<Certificate>> {
+    let bytes = read_file(key, path)?;
+    let text = String::from_utf8_lossy(&bytes);
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut certs = Vec::new();
+    let mut rest = &*text;
+    while let Some(start) = rest.find(BEGIN) {
+        let Some(len) = rest[start..].find(END) else {
+            break;
+        };
+        let block = &rest[start..start + len + END.len()];
+        let cert = Certificate::from_pem(block.as_bytes()).map_err(|e| {
+            Error::config(format!(
+                "{key}: {}: bad PEM certificate: {e}",
+                path.display()
+            ))
+        })?;
+        certs.push(cert);
+        rest = &rest[start + len + END.len()..];
+    }
+    if certs.is_empty() {
+        return Err(Error::config(format!(
+            "{key}: {}: no PEM certificate in the file",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}

@@ -1,0 +1,472 @@
+//! The Cluster against real servers: routing, concurrency and stats, pool
+//! behaviour (validation, broken connections, lifetime jitter), start-up.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{builder_for, read_port, wait_for};
+use pgxkit::testkit::LocalCluster;
+use pgxkit::{Cluster, ErrorKind, Role};
+
+#[test]
+fn cluster_is_clone_send_sync() {
+    fn assert_clone_send_sync<T: Clone + Send + Sync + 'static>() {}
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_clone_send_sync::<Cluster>();
+    assert_send_sync::<pgxkit::Error>();
+}
+
+#[test]
+fn reads_spread_evenly_over_replicas_and_writes_hit_the_primary() {
+    let local = LocalCluster::start(2).unwrap();
+    let cluster = builder_for(&local).build().unwrap();
+    let mut per_port: HashMap<u16, usize> = HashMap::new();
+    for _ in 0..200 {
+        *per_port.entry(read_port(&cluster)).or_default() += 1;
+    }
+    let replicas: Vec<u16> = local.replicas().iter().map(|r| r.port()).collect();
+    assert_eq!(
+        per_port.get(&local.primary().port()),
+        None,
+        "a read reached the primary"
+    );
+    assert_eq!(per_port[&replicas[0]], 100);
+    assert_eq!(per_port[&replicas[1]], 100);
+
+    // Also through with_replica, and read_query / read_query_opt.
+    let port: i32 = cluster
+        .with_replica(|c| c.query_one("SELECT inet_server_port()", &[]))
+        .unwrap()
+        .get(0);
+    assert!(replicas.contains(&(port as u16)));
+    let rows = cluster
+        .read_query("SELECT inet_server_port()", &[])
+        .unwrap();
+    assert!(replicas.contains(&(rows[0].get::<_, i32>(0) as u16)));
+
+    // Everything not marked read goes to the primary.
+    cluster
+        .batch_execute("CREATE TABLE served (port int)")
+        .unwrap();
+    for _ in 0..10 {
+        cluster
+            .execute("INSERT INTO served VALUES (inet_server_port())", &[])
+            .unwrap();
+    }
+    let ports: Vec<i32> = cluster
+        .query("SELECT DISTINCT port FROM served", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ports, [i32::from(local.primary().port())]);
+    let primary_port = i32::from(local.primary().port());
+    for _ in 0..5 {
+        let port: i32 = cluster
+            .query_one("SELECT inet_server_port()", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(port, primary_port);
+        let port: i32 = cluster
+            .with_primary(|c| c.query_one("SELECT inet_server_port()", &[]))
+            .unwrap()
+            .get(0);
+        assert_eq!(port, primary_port);
+    }
+
+    let stats = cluster.stats();
+    assert_eq!(stats.primary().node.role(), Role::Primary);
+    assert_eq!(stats.replicas().count(), 2);
+    let replica_reads: u64 = stats.replicas().map(|n| n.pool.acquire_count).sum();
+    assert_eq!(replica_reads, 202);
+}
+
+#[test]
+fn with_no_replicas_reads_go_to_the_primary() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::connect(&local.primary_dsn()).unwrap();
+    for _ in 0..10 {
+        assert_eq!(read_port(&cluster), local.primary().port());
+    }
+}
+
+#[test]
+fn connect_read_write_splits_reads_and_writes() {
+    let local = LocalCluster::start(1).unwrap();
+    let read = format!("{}?pool_max_conns=7", local.replicas()[0].dsn());
+    let write = format!("{}?pool_max_conns=3", local.primary_dsn());
+    let cluster = Cluster::connect_read_write(&read, &write).unwrap();
+    assert_eq!(read_port(&cluster), local.replicas()[0].port());
+    let stats = cluster.stats();
+    assert_eq!(stats.primary().pool.max_conns, 3);
+    assert_eq!(stats.node("replica1").unwrap().pool.max_conns, 7);
+}
+
+#[test]
+fn sixteen_threads_of_mixed_operations_add_up() {
+    const THREADS: usize = 16;
+    const OPS: usize = 2_000;
+    let local = LocalCluster::start(2).unwrap();
+    let cluster = builder_for(&local).max_conns(8).build().unwrap();
+    cluster
+        .batch_execute("CREATE TABLE events (thread int, n int, PRIMARY KEY (thread, n))")
+        .unwrap();
+    let setup_acquires = cluster.stats().total_acquire_count();
+
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let cluster = cluster.clone();
+            thread::spawn(move || {
+                let t = t as i32;
+                for n in 0..OPS as i32 {
+                    match n % 4 {
+                        0 => {
+                            cluster
+                                .execute("INSERT INTO events VALUES ($1, $2)", &[&t, &n])
+                                .unwrap();
+                        }
+                        1 => {
+                            cluster
+                                .read_query("SELECT 1 FROM pg_class LIMIT 3", &[])
+                                .unwrap();
+                        }
+                        2 => {
+                            let v: i32 = cluster
+                                .read_query_one("SELECT $1::int", &[&n])
+                                .unwrap()
+                                .get(0);
+                            assert_eq!(v, n);
+                        }
+                        _ => {
+                            let row = cluster
+                                .query_opt(
+                                    "SELECT n FROM events WHERE thread = $1 AND n = $2",
+                                    &[&t, &(n - 3)],
+                                )
+                                .unwrap();
+                            assert_eq!(row.map(|r| r.get::<_, i32>(0)), Some(n - 3));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+
+    let stats = cluster.stats();
+    assert_eq!(
+        stats.total_acquire_count() - setup_acquires,
+        (THREADS * OPS) as u64,
+        "one checkout per operation"
+    );
+    assert_eq!(stats.total_in_use(), 0, "a connection was left checked out");
+    for node in &stats.nodes {
+        assert!(node.pool.total_conns <= 8, "{}: {:?}", node.node, node.pool);
+        assert_eq!(node.pool.checkout_timeouts, 0);
+    }
+    let writes: i64 = cluster
+        .query_one("SELECT count(*) FROM events", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(writes, (THREADS * OPS / 4) as i64);
+    // Reads were shared by the replicas; the primary saw only the writes and query_opt.
+    let primary = stats.primary().pool.acquire_count - setup_acquires;
+    assert_eq!(primary, (THREADS * OPS / 2) as u64);
+}
+
+#[test]
+fn query_one_and_query_opt_count_rows() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::connect(&local.primary_dsn()).unwrap();
+    let none = cluster.query_one("SELECT 1 WHERE false", &[]).unwrap_err();
+    assert_eq!(none.kind(), ErrorKind::NotFound);
+    assert_eq!(none.node().unwrap().name(), "primary");
+    let many = cluster
+        .query_one("SELECT generate_series(1, 2)", &[])
+        .unwrap_err();
+    assert_eq!(many.kind(), ErrorKind::TooManyRows);
+    assert_eq!(
+        cluster
+            .query_opt("SELECT 1 WHERE false", &[])
+            .unwrap()
+            .map(|_| ()),
+        None
+    );
+    assert_eq!(
+        cluster
+            .read_query_opt("SELECT generate_series(1, 3)", &[])
+            .unwrap_err()
+            .kind(),
+        ErrorKind::TooManyRows
+    );
+    assert_eq!(
+        cluster
+            .read_query_one("SELECT 1 WHERE false", &[])
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn server_errors_carry_code_node_and_source() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::connect(&local.primary_dsn()).unwrap();
+    cluster
+        .batch_execute("CREATE TABLE u (id int PRIMARY KEY)")
+        .unwrap();
+    cluster.execute("INSERT INTO u VALUES (1)", &[]).unwrap();
+    let err = cluster
+        .execute("INSERT INTO u VALUES (1)", &[])
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Db);
+    assert_eq!(
+        err.code(),
+        Some(&pgxkit::postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
+    assert!(!err.is_connection_error() && !err.is_retryable());
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("duplicate key")
+    );
+    assert!(std::error::Error::source(&err).is_some());
+    let text = err.to_string();
+    assert!(text.contains("23505") && text.contains("primary"), "{text}");
+    // Debug (what `main` prints for an `Err`) carries the server's words.
+    assert!(
+        format!("{err:?}").contains("duplicate key value"),
+        "{err:?}"
+    );
+    // The failed statement did not break the connection.
+    assert_eq!(cluster.stats().primary().pool.closed_broken, 0);
+    let syntax = cluster.execute("SELEC 1", &[]).unwrap_err();
+    assert_eq!(
+        syntax.code(),
+        Some(&pgxkit::postgres::error::SqlState::SYNTAX_ERROR)
+    );
+}
+
+#[test]
+fn an_unreachable_replica_does_not_fail_build_and_rejoins_when_it_answers() {
+    let local = LocalCluster::start(2).unwrap();
+    let (alive, down) = (&local.replicas()[0], &local.replicas()[1]);
+    down.stop().unwrap();
+    let cluster = builder_for(&local)
+        .health_check_period(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    assert!(!cluster.stats().node("replica2").unwrap().up);
+    for _ in 0..20 {
+        assert_eq!(read_port(&cluster), alive.port());
+    }
+    down.start().unwrap();
+    wait_for(
+        "replica2 to get reads again",
+        Duration::from_secs(10),
+        || read_port(&cluster) == down.port(),
+    );
+    assert!(cluster.stats().node("replica2").unwrap().up);
+}
+
+#[test]
+fn an_unreachable_primary_fails_build_unless_lazy() {
+    let local = LocalCluster::start(0).unwrap();
+    let dsn = format!("{}?connect_timeout=5", local.primary_dsn());
+    local.primary().stop().unwrap();
+    let started = Instant::now();
+    let err = Cluster::connect(&dsn).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connect);
+    assert_eq!(err.node().unwrap().role(), Role::Primary);
+    assert!(err.is_connection_error());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused connections must fail fast"
+    );
+
+    let cluster = Cluster::builder()
+        .primary(&dsn)
+        .lazy_connect(true)
+        .checkout_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let err = cluster.execute("SELECT 1", &[]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connect, "{err}");
+    assert!(err.to_string().contains("primary"), "{err}");
+    assert_eq!(cluster.stats().primary().pool.checkout_timeouts, 1);
+    local.primary().start().unwrap();
+    cluster.execute("SELECT 1", &[]).unwrap();
+}
+
+#[test]
+fn busy_pool_times_out_with_pool_timeout() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::builder()
+        .primary(local.primary_dsn())
+        .max_conns(1)
+        .checkout_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let inner = cluster.clone();
+    let err = cluster
+        .with_primary(move |_held| {
+            let started = Instant::now();
+            let err = inner.execute("SELECT 1", &[]).unwrap_err();
+            let waited = started.elapsed();
+            assert!(
+                waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+                "{waited:?}"
+            );
+            Ok(err)
+        })
+        .unwrap();
+    assert_eq!(err.kind(), ErrorKind::PoolTimeout, "{err}");
+    assert!(err.to_string().contains("all 1 connections busy"), "{err}");
+}
+
+#[test]
+fn checkout_validates_only_connections_idle_past_the_threshold() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::builder()
+        .primary(local.primary_dsn())
+        .max_conns(1)
+        .validate_after_idle(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    cluster.execute("SELECT 1", &[]).unwrap();
+    let before = cluster.stats().primary().pool.validations;
+    for _ in 0..500 {
+        cluster.execute("SELECT 1", &[]).unwrap();
+    }
+    assert_eq!(
+        cluster.stats().primary().pool.validations,
+        before,
+        "busy checkouts must not ping"
+    );
+
+    // A backend killed while the connection idles: the validation on the
+    // next checkout finds it dead, discards it and opens a new one, and the
+    // caller never sees the failure.
+    let pid: i32 = cluster
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let mut admin = local.primary().client().unwrap();
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    let idle_from = Instant::now();
+    wait_for("the idle threshold to pass", Duration::from_secs(5), || {
+        idle_from.elapsed() > Duration::from_millis(350)
+    });
+    let new_pid: i32 = cluster
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    assert_ne!(new_pid, pid);
+    let pool = cluster.stats().primary().pool.clone();
+    assert_eq!(pool.validations, before + 1);
+    assert_eq!(pool.closed_broken, 1);
+}
+
+#[test]
+fn a_connection_broken_mid_use_is_discarded() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::builder()
+        .primary(local.primary_dsn())
+        .max_conns(1)
+        .validate_after_idle(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let pid: i32 = cluster
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    local
+        .primary()
+        .client()
+        .unwrap()
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    // No validation (the threshold is an hour): the statement meets the dead connection.
+    let err = cluster.execute("SELECT 1", &[]).unwrap_err();
+    assert!(err.is_connection_error(), "{err:?}");
+    assert_eq!(cluster.stats().primary().pool.closed_broken, 1);
+    cluster.execute("SELECT 1", &[]).unwrap();
+}
+
+#[test]
+fn lifetime_jitter_spreads_expiry() {
+    const CONNS: usize = 8;
+    let local = LocalCluster::start(0).unwrap();
+    let app = "jitter_test";
+    let cluster = Cluster::builder()
+        .primary(local.primary_dsn())
+        .max_conns(CONNS as u32)
+        .max_conn_lifetime(Duration::from_millis(500))
+        .max_conn_lifetime_jitter(Duration::from_secs(3))
+        .validate_after_idle(Duration::from_secs(3600))
+        .application_name(app)
+        .build()
+        .unwrap();
+    let mut admin = local.primary().client().unwrap();
+    let mut last_age: HashMap<i32, f64> = HashMap::new();
+    let mut lifetimes: Vec<f64> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lifetimes.len() < CONNS && Instant::now() < deadline {
+        // Check out every connection at once, so each is looked at each round.
+        let barrier = Arc::new(Barrier::new(CONNS));
+        let holders: Vec<_> = (0..CONNS)
+            .map(|_| {
+                let (cluster, barrier) = (cluster.clone(), Arc::clone(&barrier));
+                thread::spawn(move || {
+                    cluster
+                        .with_primary(|_| {
+                            barrier.wait();
+                            Ok(())
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        for h in holders {
+            h.join().unwrap();
+        }
+        let rows = admin
+            .query(
+                "SELECT pid, extract(epoch FROM clock_timestamp() - backend_start)::float8 \
+                 FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .unwrap();
+        let now: HashSet<i32> = rows.iter().map(|r| r.get(0)).collect();
+        for (pid, age) in &last_age {
+            if !now.contains(pid) {
+                lifetimes.push(*age);
+            }
+        }
+        last_age = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        thread::sleep(Duration::from_millis(30));
+    }
+    assert!(
+        lifetimes.len() >= CONNS,
+        "only {} connections expired",
+        lifetimes.len()
+    );
+    let min = lifetimes.iter().copied().fold(f64::MAX, f64::min);
+    let max = lifetimes.iter().copied().fold(0.0, f64::max);
+    // Without jitter every lifetime would be 0.5 s plus one round.
+    assert!(max - min > 0.5, "lifetimes {lifetimes:?} are not spread");
+    assert!(
+        min >= 0.45,
+        "a connection outlived none of its lifetime: {lifetimes:?}"
+    );
+    assert!(cluster.stats().primary().pool.closed_lifetime >= CONNS as u64);
+}
