@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use postgres::Row;
@@ -10,9 +11,10 @@ use postgres::types::ToSql;
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use crate::balancer::RoundRobin;
-use crate::config::{ClusterBuilder, ClusterConfig};
-use crate::error::{Error, ErrorKind, Result};
-use crate::health;
+use crate::config::{ClusterBuilder, ClusterConfig, ReadFallback};
+use crate::error::{Error, ErrorKind, Result, Role};
+use crate::health::{self, HealthReport, NodeHealth};
+use crate::monitor;
 use crate::node::{Node, Timings};
 use crate::stats::ClusterStats;
 use crate::sync::lock;
@@ -51,10 +53,18 @@ pub struct Cluster {
     inner: Arc<Inner>,
 }
 
+/// Bound on `health_check()`: checkout plus one round trip.
+const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on `is_ready()`.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub(crate) struct Inner {
     primary: Node,
     replicas: Vec<Node>,
     balancer: RoundRobin,
+    max_replica_lag: Option<Duration>,
+    max_replica_lag_bytes: Option<u64>,
+    read_fallback: ReadFallback,
     // Dropping the sender stops the health monitor.
     _stop_monitor: Sender<()>,
     _monitor: Mutex<Option<JoinHandle<()>>>,
@@ -140,11 +150,11 @@ impl Cluster {
             checkout_timeout: config.checkout_timeout,
             validate_after_idle: config.validate_after_idle,
         };
-        let primary = Node::open(config.primary, timings, &threads);
+        let primary = Node::open(config.primary, timings, config.breaker, &threads);
         let replicas: Vec<Node> = config
             .replicas
             .into_iter()
-            .map(|r| Node::open(r, timings, &threads))
+            .map(|r| Node::open(r, timings, config.breaker, &threads))
             .collect();
 
         // One connection to each node, all at once, each bounded by its
@@ -169,16 +179,19 @@ impl Cluster {
             primary,
             replicas,
             balancer: RoundRobin::default(),
+            max_replica_lag: config.max_replica_lag,
+            max_replica_lag_bytes: config.max_replica_lag_bytes,
+            read_fallback: config.read_fallback,
             _stop_monitor: stop_tx,
             _monitor: Mutex::new(None),
             _threads: threads,
         });
-        let monitor = health::spawn(Arc::downgrade(&inner), config.health_check_period, stop_rx)
+        let monitor = monitor::spawn(Arc::downgrade(&inner), config.health_check_period, stop_rx)
             .map_err(|e| {
-                Error::new(ErrorKind::Config)
-                    .with_detail("cannot start the health monitor thread")
-                    .with_source(e)
-            })?;
+            Error::new(ErrorKind::Config)
+                .with_detail("cannot start the health monitor thread")
+                .with_source(e)
+        })?;
         *lock(&inner._monitor) = Some(monitor);
         Ok(Cluster { inner })
     }
@@ -187,16 +200,57 @@ impl Cluster {
         &self.inner.primary
     }
 
-    /// The node for the next read: the next replica that is up, else the primary.
-    fn reader(&self) -> &Node {
+    /// Whether a replica may take reads now: up, breaker allowing a call,
+    /// lag within the limits.
+    fn eligible(&self, node: &Node) -> bool {
+        if !node.is_up() || !node.breaker_allows() {
+            return false;
+        }
+        let (bytes, time) = node.lag();
+        let over = |value: Option<u64>, limit: Option<u64>| matches!((value, limit), (Some(v), Some(l)) if v > l);
+        !over(bytes, self.inner.max_replica_lag_bytes)
+            && !over(
+                time.map(|t| t.as_micros() as u64),
+                self.inner.max_replica_lag.map(|t| t.as_micros() as u64),
+            )
+    }
+
+    /// The node for the next read: the next eligible replica other than
+    /// `not`, else the fallback (the primary, or an error).
+    fn reader(&self, not: Option<&Node>) -> Result<&Node> {
         let replicas = &self.inner.replicas;
-        match self
-            .inner
-            .balancer
-            .pick(replicas.len(), |i| replicas[i].is_up())
-        {
-            Some(i) => &replicas[i],
-            None => &self.inner.primary,
+        if replicas.is_empty() {
+            return Ok(&self.inner.primary);
+        }
+        let pick = self.inner.balancer.pick(replicas.len(), |i| {
+            !not.is_some_and(|n| std::ptr::eq(n, &replicas[i])) && self.eligible(&replicas[i])
+        });
+        match (pick, self.inner.read_fallback) {
+            (Some(i), _) => Ok(&replicas[i]),
+            (None, ReadFallback::Primary) => Ok(&self.inner.primary),
+            (None, ReadFallback::Error) => Err(Error::new(ErrorKind::NoEligibleReplica)
+                .with_detail(format!(
+                    "none of {} replicas is up, allowed by its breaker and within the lag limit",
+                    replicas.len()
+                ))),
+        }
+    }
+
+    /// Runs a read on the next eligible node; if that fails at the
+    /// connection level (the whole result is lost, no row was returned), runs
+    /// it once more on another eligible node.
+    fn read<T>(&self, op: impl Fn(&Node) -> Result<T>) -> Result<T> {
+        let first = self.reader(None)?;
+        match op(first) {
+            Err(e) if e.is_connection_error() => {
+                let second = match self.reader(Some(first)) {
+                    Ok(n) if !std::ptr::eq(n, first) => n,
+                    _ => return Err(e),
+                };
+                log::warn!("read failed on {}, trying {}: {e}", first.info, second.info);
+                op(second)
+            }
+            other => other,
         }
     }
 
@@ -235,7 +289,8 @@ impl Cluster {
     /// ```
     pub fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
         let node = self.primary();
-        exactly_one(node.run(|c| c.query(sql, params))?, node)
+        node.run(|c| c.query(sql, params))
+            .and_then(|rows| exactly_one(rows, node))
     }
 
     /// Runs a query on the primary that returns at most one row.
@@ -249,7 +304,8 @@ impl Cluster {
     /// ```
     pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
         let node = self.primary();
-        at_most_one(node.run(|c| c.query(sql, params))?, node)
+        node.run(|c| c.query(sql, params))
+            .and_then(|rows| at_most_one(rows, node))
     }
 
     /// Runs one or more statements separated by semicolons on the primary,
@@ -273,7 +329,7 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn read_query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        self.reader().run(|c| c.query(sql, params))
+        self.read(|node| node.run(|c| c.query(sql, params)))
     }
 
     /// [`read_query`](Self::read_query) that must return exactly one row.
@@ -284,8 +340,10 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn read_query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        let node = self.reader();
-        exactly_one(node.run(|c| c.query(sql, params))?, node)
+        self.read(|node| {
+            node.run(|c| c.query(sql, params))
+                .and_then(|rows| exactly_one(rows, node))
+        })
     }
 
     /// [`read_query`](Self::read_query) that returns at most one row.
@@ -296,8 +354,10 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn read_query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        let node = self.reader();
-        at_most_one(node.run(|c| c.query(sql, params))?, node)
+        self.read(|node| {
+            node.run(|c| c.query(sql, params))
+                .and_then(|rows| at_most_one(rows, node))
+        })
     }
 
     /// Lends a pooled primary connection for anything the methods above do
@@ -323,7 +383,8 @@ impl Cluster {
     }
 
     /// Like [`with_primary`](Self::with_primary), on the replica the next
-    /// read would use.
+    /// read would use (not retried elsewhere: the closure may not be
+    /// safe to run twice).
     ///
     /// ```no_run
     /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
@@ -334,7 +395,7 @@ impl Cluster {
         &self,
         f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
-        self.reader().run(f)
+        self.reader(None)?.run(f)
     }
 
     /// A snapshot of every node's pool. Takes each pool's lock briefly; the
@@ -352,13 +413,89 @@ impl Cluster {
             nodes: self.inner.nodes().map(Node::stats).collect(),
         }
     }
+
+    /// A cheap liveness check of the primary, like the Go library's
+    /// `HealthCheck`: a checkout and one round trip, together bounded by
+    /// 5 seconds. Fails fast with `CircuitOpen` when the primary's breaker is open.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// if let Err(e) = cluster.health_check() {
+    ///     eprintln!("database unavailable: {e}");
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn health_check(&self) -> Result<()> {
+        self.ping_primary(HEALTH_CHECK_TIMEOUT)
+    }
+
+    /// Whether the primary answers within 2 seconds (checkout plus a round
+    /// trip): the readiness probe.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let status = if cluster.is_ready() { 200 } else { 503 };
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn is_ready(&self) -> bool {
+        self.ping_primary(READY_TIMEOUT).is_ok()
+    }
+
+    fn ping_primary(&self, timeout: Duration) -> Result<()> {
+        let node = self.primary();
+        let started = std::time::Instant::now();
+        let permit = node.admit()?;
+        let result = node.checkout_within(timeout).and_then(|mut conn| {
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(1));
+            let result = conn.client.is_valid(left);
+            result.map_err(|e| node.failed(&mut conn, e))
+        });
+        permit.finish(&result);
+        result
+    }
+
+    /// The cluster's health as the monitor last saw it, with live pool
+    /// numbers; no I/O. See [`HealthReport`].
+    pub fn health(&self) -> HealthReport {
+        let nodes = self
+            .inner
+            .nodes()
+            .map(|node| {
+                let stats = node.stats();
+                let probe = node.probe_record();
+                let mut h = NodeHealth {
+                    eligible_for_reads: node.info.role() == Role::Replica && self.eligible(node),
+                    node: stats.node,
+                    up: stats.up,
+                    in_recovery: probe.in_recovery,
+                    breaker: stats.breaker,
+                    breaker_retry_in: (stats.breaker == crate::BreakerState::Open)
+                        .then(|| node.breaker_retry_after()),
+                    lag_bytes: stats.lag_bytes,
+                    lag: stats.lag,
+                    in_use_conns: stats.pool.in_use_conns,
+                    max_conns: stats.pool.max_conns,
+                    pool_utilization: stats.pool.utilization(),
+                    last_check: probe.checked_at,
+                    last_error: probe.error,
+                    warnings: Vec::new(),
+                };
+                h.warnings = health::warnings(
+                    &h,
+                    self.inner.max_replica_lag,
+                    self.inner.max_replica_lag_bytes,
+                );
+                h
+            })
+            .collect();
+        HealthReport::new(nodes)
+    }
 }
 
 fn exactly_one(rows: Vec<Row>, node: &Node) -> Result<Row> {
-    match at_most_one(rows, node)? {
-        Some(row) => Ok(row),
-        None => Err(Error::new(ErrorKind::NotFound).with_node(&node.info)),
-    }
+    at_most_one(rows, node)?.ok_or_else(|| Error::new(ErrorKind::NotFound).with_node(&node.info))
 }
 
 fn at_most_one(mut rows: Vec<Row>, node: &Node) -> Result<Option<Row>> {

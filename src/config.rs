@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use postgres_native_tls::MakeTlsConnector;
 
+use crate::breaker::BreakerConfig;
 use crate::cluster::Cluster;
 use crate::dsn::{Dsn, PoolOverrides, redact_dsn};
 use crate::error::{Error, NodeInfo, Result, Role};
@@ -46,6 +47,31 @@ pub struct ClusterBuilder {
     validate_after_idle: Duration,
     application_name: Option<String>,
     lazy_connect: bool,
+    breaker: BreakerConfig,
+    max_replica_lag: Option<Duration>,
+    max_replica_lag_bytes: Option<u64>,
+    read_fallback: ReadFallback,
+}
+
+/// What reads do when no replica is eligible (all down, open breakers, or
+/// lagging past the limit).
+///
+/// ```no_run
+/// # fn main() -> Result<(), pgxkit::Error> {
+/// let cluster = pgxkit::Cluster::builder()
+///     .primary("postgres://app@db-primary/app")
+///     .replica("postgres://app@db-replica/app")
+///     .read_fallback(pgxkit::ReadFallback::Error)
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadFallback {
+    /// Reads go to the primary. The default.
+    #[default]
+    Primary,
+    /// Reads fail with [`ErrorKind::NoEligibleReplica`](crate::ErrorKind::NoEligibleReplica).
+    Error,
 }
 
 /// Defaults, in one place for the docs and the code.
@@ -76,6 +102,10 @@ impl Default for ClusterBuilder {
             validate_after_idle: defaults::VALIDATE_AFTER_IDLE,
             application_name: None,
             lazy_connect: false,
+            breaker: BreakerConfig::default(),
+            max_replica_lag: None,
+            max_replica_lag_bytes: None,
+            read_fallback: ReadFallback::Primary,
         }
     }
 }
@@ -98,6 +128,10 @@ impl fmt::Debug for ClusterBuilder {
             .field("validate_after_idle", &self.validate_after_idle)
             .field("application_name", &self.application_name)
             .field("lazy_connect", &self.lazy_connect)
+            .field("breaker", &self.breaker)
+            .field("max_replica_lag", &self.max_replica_lag)
+            .field("max_replica_lag_bytes", &self.max_replica_lag_bytes)
+            .field("read_fallback", &self.read_fallback)
             .finish()
     }
 }
@@ -246,6 +280,51 @@ impl ClusterBuilder {
         self
     }
 
+    /// Consecutive connection-level failures that open a node's circuit
+    /// breaker. Only failures of the node count (could not connect, connection
+    /// lost, checkout timeout, SQLSTATE class 08 and 57P01-57P03); a unique
+    /// violation or a syntax error never does. Defaults to 5.
+    pub fn failure_threshold(mut self, n: u32) -> Self {
+        self.breaker.failure_threshold = n;
+        self
+    }
+
+    /// How long an open breaker fails calls fast before letting a trial
+    /// call through. A successful health probe closes it sooner. Defaults to 30 seconds.
+    pub fn open_duration(mut self, d: Duration) -> Self {
+        self.breaker.open_duration = d;
+        self
+    }
+
+    /// How many trial calls a half-open breaker lets through at once.
+    /// Defaults to 1.
+    pub fn half_open_max_calls(mut self, n: u32) -> Self {
+        self.breaker.half_open_max_calls = n;
+        self
+    }
+
+    /// A replica whose replay lags the primary by more than this gets no
+    /// reads until it catches up (measured each health period). Defaults to
+    /// no limit.
+    pub fn max_replica_lag(mut self, d: Duration) -> Self {
+        self.max_replica_lag = Some(d);
+        self
+    }
+
+    /// Like [`max_replica_lag`](Self::max_replica_lag), in bytes of WAL not
+    /// yet replayed. Defaults to no limit.
+    pub fn max_replica_lag_bytes(mut self, bytes: u64) -> Self {
+        self.max_replica_lag_bytes = Some(bytes);
+        self
+    }
+
+    /// What reads do when no replica is eligible. Defaults to
+    /// [`ReadFallback::Primary`].
+    pub fn read_fallback(mut self, fallback: ReadFallback) -> Self {
+        self.read_fallback = fallback;
+        self
+    }
+
     /// Validates the configuration, opens the pools and returns the cluster.
     ///
     /// Blocks while it connects once to each node (each attempt bounded by
@@ -286,6 +365,13 @@ impl ClusterBuilder {
             .or(primary.health_check_period)
             .unwrap_or(defaults::HEALTH_CHECK_PERIOD);
         positive("health_check_period", health_check_period)?;
+        if self.breaker.failure_threshold == 0 {
+            return Err(Error::config("failure_threshold: must be at least 1"));
+        }
+        if self.breaker.half_open_max_calls == 0 {
+            return Err(Error::config("half_open_max_calls: must be at least 1"));
+        }
+        positive("open_duration", self.breaker.open_duration)?;
         Ok(ClusterConfig {
             primary,
             replicas,
@@ -293,6 +379,10 @@ impl ClusterBuilder {
             validate_after_idle: self.validate_after_idle,
             health_check_period,
             lazy_connect: self.lazy_connect,
+            breaker: self.breaker,
+            max_replica_lag: self.max_replica_lag,
+            max_replica_lag_bytes: self.max_replica_lag_bytes,
+            read_fallback: self.read_fallback,
         })
     }
 
@@ -384,4 +474,8 @@ pub(crate) struct ClusterConfig {
     pub(crate) validate_after_idle: Duration,
     pub(crate) health_check_period: Duration,
     pub(crate) lazy_connect: bool,
+    pub(crate) breaker: BreakerConfig,
+    pub(crate) max_replica_lag: Option<Duration>,
+    pub(crate) max_replica_lag_bytes: Option<u64>,
+    pub(crate) read_fallback: ReadFallback,
 }

@@ -334,14 +334,14 @@ impl fmt::Debug for Error {
             .field("message", &self.as_db_error().map(DbError::message))
             .field("db_detail", &self.as_db_error().and_then(DbError::detail))
             .field("hint", &self.as_db_error().and_then(DbError::hint))
-            .field("source", &self.0.source.as_deref().map(source_chain))
+            .field("source", &self.0.source.as_deref().map(|s| source_chain(s)))
             .finish()
     }
 }
 
 /// A source and its own sources, joined: the driver's `Display` says only
 /// "db error" and keeps the server's words one level down.
-fn source_chain(err: &(dyn StdError + Send + Sync)) -> String {
+pub(crate) fn source_chain(err: &dyn StdError) -> String {
     let mut text = err.to_string();
     let mut next = err.source();
     while let Some(s) = next {

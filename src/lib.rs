@@ -3,6 +3,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 mod balancer;
+mod breaker;
 mod cluster;
 mod config;
 mod dsn;
@@ -10,6 +11,7 @@ mod env;
 mod error;
 mod health;
 mod manager;
+mod monitor;
 mod node;
 mod stats;
 mod sync;
@@ -18,11 +20,13 @@ mod tls;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use breaker::BreakerState;
 pub use cluster::Cluster;
-pub use config::ClusterBuilder;
+pub use config::{ClusterBuilder, ReadFallback};
 pub use dsn::{SslMode, parse_duration, redact_dsn};
 pub use env::{dsn_from_env, dsn_from_env_with};
 pub use error::{Error, ErrorKind, NodeInfo, Result, Role};
+pub use health::{HealthReport, HealthStatus, NodeHealth};
 pub use stats::{ClusterStats, NodeStats, PoolStats};
 
 /// The driver's types that appear in pgxkit's API.

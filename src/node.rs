@@ -1,27 +1,44 @@
-//! One server: its role, its r2d2 pool, its health, its counters.
+//! One server: its role, its r2d2 pool, its circuit breaker, what the health
+//! monitor last saw of it, and its counters.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use r2d2::PooledConnection;
 use scheduled_thread_pool::ScheduledThreadPool;
 
+use crate::breaker::{Breaker, BreakerConfig, BreakerState, Outcome, Transition};
 use crate::config::NodeConfig;
-use crate::error::{Error, ErrorKind, NodeInfo, Result};
+use crate::error::{Error, ErrorKind, NodeInfo, Result, RetryAfter};
 use crate::manager::{ConnectErrorLog, Connector, Manager, PoolShared, ReleaseCounter};
 use crate::stats::{NodeStats, PoolStats};
-
-pub(crate) type PooledConn = PooledConnection<Manager>;
+use crate::sync::lock;
 
 /// How long the round trip that validates an idle connection may take.
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a waiting checkout looks for a failed connect attempt, so a
+/// dead node fails the caller at once instead of at the checkout timeout.
+const CONNECT_FAILURE_POLL: Duration = Duration::from_millis(25);
+
+/// Marks "no value" in the lag atomics.
+const UNKNOWN: u64 = u64::MAX;
 
 /// Cluster-wide checkout settings every node uses.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timings {
     pub(crate) checkout_timeout: Duration,
     pub(crate) validate_after_idle: Duration,
+}
+
+/// What the last health probe found, beyond the atomics on the hot path.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ProbeRecord {
+    pub(crate) checked_at: Option<SystemTime>,
+    pub(crate) in_recovery: Option<bool>,
+    pub(crate) error: Option<String>,
 }
 
 #[derive(Debug)]
@@ -31,15 +48,75 @@ pub(crate) struct Node {
     connector: Arc<Connector>,
     shared: Arc<PoolShared>,
     max_conns: u32,
-    checkout_timeout: Duration,
-    validate_after_idle: Duration,
+    timings: Timings,
     up: AtomicBool,
+    lag_bytes: AtomicU64,
+    lag_micros: AtomicU64,
+    probe: Mutex<ProbeRecord>,
+    breaker: Mutex<Breaker>,
+    // Mirrors of the breaker for the lock-free fast path.
+    breaker_state: AtomicU8,
+    breaker_failures: AtomicU32,
+}
+
+/// A pooled connection that is discarded instead of returned when a panic
+/// unwinds through its user (its state is then unknown).
+pub(crate) struct Lease(PooledConnection<Manager>);
+
+impl Deref for Lease {
+    type Target = PooledConnection<Manager>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.broken = true;
+        }
+    }
+}
+
+/// Admission through a node's breaker; records the call's outcome, or
+/// releases its trial slot if dropped without one (a panic in user code).
+pub(crate) struct Permit<'a> {
+    node: &'a Node,
+    held_slot: bool,
+    done: bool,
+}
+
+impl Permit<'_> {
+    /// Records the outcome of the call from its result.
+    pub(crate) fn finish<T>(mut self, result: &Result<T>) {
+        let outcome = match result {
+            Err(e) if e.is_connection_error() => Outcome::Failure,
+            _ => Outcome::Success,
+        };
+        self.done = true;
+        self.node.record(outcome, self.held_slot);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.node.record(Outcome::Abandoned, self.held_slot);
+        }
+    }
 }
 
 impl Node {
     pub(crate) fn open(
         config: NodeConfig,
         timings: Timings,
+        breaker: BreakerConfig,
         threads: &Arc<ScheduledThreadPool>,
     ) -> Node {
         let NodeConfig {
@@ -76,9 +153,14 @@ impl Node {
             connector,
             shared,
             max_conns: pool.max_conns,
-            checkout_timeout: timings.checkout_timeout,
-            validate_after_idle: timings.validate_after_idle,
+            timings,
             up: AtomicBool::new(true),
+            lag_bytes: AtomicU64::new(UNKNOWN),
+            lag_micros: AtomicU64::new(UNKNOWN),
+            probe: Mutex::new(ProbeRecord::default()),
+            breaker: Mutex::new(Breaker::new(breaker)),
+            breaker_state: AtomicU8::new(BreakerState::Closed.to_u8()),
+            breaker_failures: AtomicU32::new(0),
         }
     }
 
@@ -87,9 +169,134 @@ impl Node {
         self.up.load(Relaxed)
     }
 
-    /// Records a probe result; returns the previous state.
+    /// Records whether the node answered; returns the previous value.
     pub(crate) fn set_up(&self, up: bool) -> bool {
         self.up.swap(up, Relaxed)
+    }
+
+    /// Replication lag as last measured: bytes and time, `None` when unknown.
+    pub(crate) fn lag(&self) -> (Option<u64>, Option<Duration>) {
+        let known = |v: u64| (v != UNKNOWN).then_some(v);
+        (
+            known(self.lag_bytes.load(Relaxed)),
+            known(self.lag_micros.load(Relaxed)).map(Duration::from_micros),
+        )
+    }
+
+    pub(crate) fn set_lag(&self, bytes: Option<u64>, time: Option<Duration>) {
+        self.lag_bytes.store(bytes.unwrap_or(UNKNOWN), Relaxed);
+        let micros = time.map_or(UNKNOWN, |t| {
+            u64::try_from(t.as_micros()).unwrap_or(UNKNOWN - 1)
+        });
+        self.lag_micros.store(micros, Relaxed);
+    }
+
+    pub(crate) fn probe_record(&self) -> ProbeRecord {
+        lock(&self.probe).clone()
+    }
+
+    pub(crate) fn set_probe_record(&self, record: ProbeRecord) {
+        *lock(&self.probe) = record;
+    }
+
+    pub(crate) fn breaker_state(&self) -> BreakerState {
+        BreakerState::from_u8(self.breaker_state.load(Relaxed))
+    }
+
+    /// Whether the breaker would let a call through now (no slot is taken).
+    pub(crate) fn breaker_allows(&self) -> bool {
+        self.breaker_state() == BreakerState::Closed
+            || lock(&self.breaker).would_allow(Instant::now())
+    }
+
+    /// How long until an open breaker lets a call through.
+    pub(crate) fn breaker_retry_after(&self) -> Duration {
+        lock(&self.breaker).retry_after(Instant::now())
+    }
+
+    /// Asks the breaker to let a call through; fails fast when it is open.
+    pub(crate) fn admit(&self) -> Result<Permit<'_>> {
+        if self.breaker_state() == BreakerState::Closed {
+            return Ok(Permit {
+                node: self,
+                held_slot: false,
+                done: false,
+            });
+        }
+        let now = Instant::now();
+        let (admitted, transition) = {
+            let mut b = lock(&self.breaker);
+            let r = b.try_acquire(now);
+            self.mirror(&b);
+            r
+        };
+        self.report(transition);
+        match admitted {
+            Ok(held_slot) => Ok(Permit {
+                node: self,
+                held_slot,
+                done: false,
+            }),
+            Err(wait) => Err(Error::new(ErrorKind::CircuitOpen)
+                .with_node(&self.info)
+                .with_detail(format!("retried in {wait:?}"))
+                .with_source(RetryAfter(wait))),
+        }
+    }
+
+    fn record(&self, outcome: Outcome, held_slot: bool) {
+        // The common case, a success on a healthy node, takes no lock.
+        if !held_slot
+            && outcome != Outcome::Failure
+            && self.breaker_state() == BreakerState::Closed
+            && self.breaker_failures.load(Relaxed) == 0
+        {
+            return;
+        }
+        let transition = {
+            let mut b = lock(&self.breaker);
+            let t = b.record(outcome, held_slot, Instant::now());
+            self.mirror(&b);
+            t
+        };
+        self.report(transition);
+    }
+
+    /// A health probe reached the node: an open breaker closes.
+    pub(crate) fn probe_succeeded(&self) {
+        if self.breaker_state() == BreakerState::Closed {
+            return;
+        }
+        let transition = {
+            let mut b = lock(&self.breaker);
+            let t = b.probe_succeeded(Instant::now());
+            self.mirror(&b);
+            t
+        };
+        self.report(transition);
+    }
+
+    fn mirror(&self, b: &Breaker) {
+        self.breaker_state.store(b.state().to_u8(), Relaxed);
+        self.breaker_failures
+            .store(b.consecutive_failures(), Relaxed);
+    }
+
+    /// Logs a state change (never while the breaker lock is held).
+    fn report(&self, transition: Option<Transition>) {
+        if let Some(t) = transition {
+            match t.to {
+                BreakerState::Open => {
+                    log::warn!("circuit breaker of {} opened (was {})", self.info, t.from)
+                }
+                _ => log::info!(
+                    "circuit breaker of {} is {} (was {})",
+                    self.info,
+                    t.to,
+                    t.from
+                ),
+            }
+        }
     }
 
     /// Opens one connection outside the pool, bounded by the connect timeout.
@@ -101,24 +308,60 @@ impl Node {
         })
     }
 
+    /// A connection for health probes: like the pool's, but every statement
+    /// and every unacknowledged send is bounded by `timeout`, so a probe of
+    /// a black-holed node cannot hang.
+    pub(crate) fn connect_probe(&self, timeout: Duration) -> Result<postgres::Client> {
+        let mut pg = self.connector.pg.clone();
+        let millis = timeout.as_millis();
+        pg.tcp_user_timeout(timeout)
+            .options(&format!(
+                "-c statement_timeout={millis} -c lock_timeout={millis}"
+            ))
+            .application_name("pgxkit-health");
+        pg.connect(self.connector.tls.clone()).map_err(|e| {
+            Error::new(ErrorKind::Connect)
+                .with_node(&self.info)
+                .with_source(e)
+        })
+    }
+
     /// A connection from the pool, waiting at most the checkout timeout.
-    /// A connection idle for longer than `validate_after_idle` is checked
-    /// with a round trip first; a dead or expired one is discarded and
-    /// another taken, within the same deadline.
-    pub(crate) fn checkout(&self) -> Result<PooledConn> {
+    pub(crate) fn checkout(&self) -> Result<Lease> {
+        self.checkout_within(self.timings.checkout_timeout)
+    }
+
+    /// A connection from the pool within `timeout`. A connection idle for
+    /// longer than `validate_after_idle` is checked with a round trip first;
+    /// a dead or expired one is discarded and another taken, within the same
+    /// deadline. When the pool must open a connection and that fails, the
+    /// checkout fails at once with `Connect`.
+    pub(crate) fn checkout_within(&self, timeout: Duration) -> Result<Lease> {
         let start = Instant::now();
-        let deadline = start + self.checkout_timeout;
+        let deadline = start + timeout;
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let mut conn = match self.pool.get_timeout(remaining) {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.checkout_failed(start, timeout));
+            }
+            let slice = (deadline - now).min(CONNECT_FAILURE_POLL);
+            let mut conn = match self.pool.get_timeout(slice) {
                 Ok(conn) => conn,
-                Err(_) => return Err(self.checkout_failed(start)),
+                Err(_) => match self.shared.connect_error_since(start) {
+                    Some(why) => {
+                        self.shared.counters.checkout_timeouts.fetch_add(1, Relaxed);
+                        return Err(Error::new(ErrorKind::Connect)
+                            .with_node(&self.info)
+                            .with_detail(why));
+                    }
+                    None => continue,
+                },
             };
             let now = Instant::now();
             if conn.expired(now) {
                 continue; // dropped here: has_broken sees the expiry, counted as lifetime
             }
-            if conn.idle_for(now) >= self.validate_after_idle {
+            if conn.idle_for(now) >= self.timings.validate_after_idle {
                 self.shared.counters.validations.fetch_add(1, Relaxed);
                 if conn.client.is_valid(VALIDATE_TIMEOUT).is_err() {
                     conn.broken = true;
@@ -129,41 +372,45 @@ impl Node {
             let counters = &self.shared.counters;
             counters.acquires.fetch_add(1, Relaxed);
             counters.acquire_wait_nanos.fetch_add(waited, Relaxed);
-            return Ok(conn);
+            return Ok(Lease(conn));
         }
     }
 
-    fn checkout_failed(&self, start: Instant) -> Error {
+    fn checkout_failed(&self, start: Instant, timeout: Duration) -> Error {
         self.shared.counters.checkout_timeouts.fetch_add(1, Relaxed);
         match self.shared.connect_error_since(start) {
             Some(why) => Error::new(ErrorKind::Connect)
                 .with_node(&self.info)
-                .with_detail(format!(
-                    "no connection within {:?}: {why}",
-                    self.checkout_timeout
-                )),
+                .with_detail(format!("no connection within {timeout:?}: {why}")),
             None => Error::new(ErrorKind::PoolTimeout)
                 .with_node(&self.info)
                 .with_detail(format!(
-                    "all {} connections busy for {:?}",
-                    self.max_conns, self.checkout_timeout
+                    "all {} connections busy for {timeout:?}",
+                    self.max_conns
                 )),
         }
     }
 
-    /// Runs `op` on a pooled connection; a connection-level failure marks
-    /// the connection broken so the pool discards it.
+    /// Runs `op` on a pooled connection, through the breaker. A
+    /// connection-level failure marks the connection broken (the pool then
+    /// discards it) and counts against the breaker; any other outcome counts
+    /// as the node answering.
     pub(crate) fn run<T>(
         &self,
         op: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
-        let mut conn = self.checkout()?;
-        op(&mut conn.client).map_err(|e| self.failed(&mut conn, e))
+        let permit = self.admit()?;
+        let result = self.checkout().and_then(|mut conn| {
+            let result = op(&mut conn.client);
+            result.map_err(|e| self.failed(&mut conn, e))
+        });
+        permit.finish(&result);
+        result
     }
 
     /// Converts a driver error, marking the connection broken when the
     /// error says the connection itself is gone.
-    pub(crate) fn failed(&self, conn: &mut PooledConn, err: postgres::Error) -> Error {
+    pub(crate) fn failed(&self, conn: &mut Lease, err: postgres::Error) -> Error {
         let err = Error::from_postgres(err, &self.info);
         if err.is_connection_error() || conn.client.is_closed() {
             conn.broken = true;
@@ -171,27 +418,35 @@ impl Node {
         err
     }
 
-    pub(crate) fn stats(&self) -> NodeStats {
+    pub(crate) fn pool_stats(&self) -> PoolStats {
         let state = self.pool.state();
         let c = &self.shared.counters;
+        PoolStats {
+            max_conns: self.max_conns,
+            total_conns: state.connections,
+            idle_conns: state.idle_connections,
+            in_use_conns: state.connections.saturating_sub(state.idle_connections),
+            acquire_count: c.acquires.load(Relaxed),
+            acquire_wait: Duration::from_nanos(c.acquire_wait_nanos.load(Relaxed)),
+            checkout_timeouts: c.checkout_timeouts.load(Relaxed),
+            new_conns: c.created.load(Relaxed),
+            connect_failures: c.connect_failures.load(Relaxed),
+            closed_lifetime: c.closed_lifetime.load(Relaxed),
+            closed_idle: c.closed_idle.load(Relaxed),
+            closed_broken: c.closed_broken.load(Relaxed),
+            validations: c.validations.load(Relaxed),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> NodeStats {
+        let (lag_bytes, lag) = self.lag();
         NodeStats {
             node: self.info.clone(),
             up: self.is_up(),
-            pool: PoolStats {
-                max_conns: self.max_conns,
-                total_conns: state.connections,
-                idle_conns: state.idle_connections,
-                in_use_conns: state.connections.saturating_sub(state.idle_connections),
-                acquire_count: c.acquires.load(Relaxed),
-                acquire_wait: Duration::from_nanos(c.acquire_wait_nanos.load(Relaxed)),
-                checkout_timeouts: c.checkout_timeouts.load(Relaxed),
-                new_conns: c.created.load(Relaxed),
-                connect_failures: c.connect_failures.load(Relaxed),
-                closed_lifetime: c.closed_lifetime.load(Relaxed),
-                closed_idle: c.closed_idle.load(Relaxed),
-                closed_broken: c.closed_broken.load(Relaxed),
-                validations: c.validations.load(Relaxed),
-            },
+            breaker: self.breaker_state(),
+            lag_bytes,
+            lag,
+            pool: self.pool_stats(),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::breaker::BreakerState;
 use crate::error::{NodeInfo, Role};
 
 /// One pool's numbers at the moment `stats()` was called. Counters count
@@ -66,6 +67,13 @@ pub struct NodeStats {
     pub node: NodeInfo,
     /// Whether the node's last health probe (or the check at `build()`) succeeded.
     pub up: bool,
+    /// The state of its circuit breaker.
+    pub breaker: BreakerState,
+    /// Replication lag in bytes of WAL not yet replayed (replicas; `None`
+    /// before the first probe or while the primary is unreachable).
+    pub lag_bytes: Option<u64>,
+    /// Replication lag in time (replicas; zero when everything received is replayed).
+    pub lag: Option<std::time::Duration>,
     /// Its pool.
     pub pool: PoolStats,
 }

@@ -1,0 +1,377 @@
+//! Node health against real servers: breakers, the health monitor, lag-aware
+//! read routing and health reports, driven by the testkit's fault controls.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{builder_for, read_port, wait_for};
+use pgxkit::testkit::LocalCluster;
+use pgxkit::{BreakerState, ErrorKind, HealthStatus, ReadFallback};
+
+const PERIOD: Duration = Duration::from_millis(100);
+
+#[test]
+fn a_killed_replica_under_load_is_excluded_and_readmitted() {
+    let local = LocalCluster::start(2).unwrap();
+    let cluster = builder_for(&local)
+        .health_check_period(PERIOD)
+        .max_conns(8)
+        .build()
+        .unwrap();
+    let (victim, survivor) = (&local.replicas()[1], &local.replicas()[0]);
+    let victim_port = i32::from(victim.port());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let last_on_victim = Arc::new(AtomicU64::new(0)); // micros since `origin`
+    let origin = Instant::now();
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let (cluster, stop, last) = (
+                cluster.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&last_on_victim),
+            );
+            thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let port: i32 = cluster
+                        .read_query_one("SELECT inet_server_port()", &[])
+                        .expect("a read failed while a replica died")
+                        .get(0);
+                    if port == victim_port {
+                        last.fetch_max(origin.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    }
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+
+    wait_for("reads on the victim", Duration::from_secs(5), || {
+        last_on_victim.load(Ordering::Relaxed) > 0
+    });
+    let killed_at = origin.elapsed();
+    victim.kill().unwrap();
+    wait_for(
+        "the victim to be marked down",
+        Duration::from_secs(10),
+        || {
+            let h = cluster.health();
+            let node = h.node("replica2").unwrap();
+            !node.up && !node.eligible_for_reads
+        },
+    );
+    let health = cluster.health();
+    assert_eq!(health.status, HealthStatus::Degraded);
+    assert!(
+        health
+            .node("replica2")
+            .unwrap()
+            .warnings
+            .iter()
+            .any(|w| w.contains("down"))
+    );
+    let excluded_after =
+        Duration::from_micros(last_on_victim.load(Ordering::Relaxed)).saturating_sub(killed_at);
+    let mark = Duration::from_micros(last_on_victim.load(Ordering::Relaxed));
+
+    let restarted_at = Instant::now();
+    victim.start().unwrap();
+    let start_took = restarted_at.elapsed();
+    wait_for(
+        "the victim to serve reads again",
+        Duration::from_secs(10),
+        || Duration::from_micros(last_on_victim.load(Ordering::Relaxed)) > mark,
+    );
+    let readmitted_after = restarted_at.elapsed().saturating_sub(start_took);
+    stop.store(true, Ordering::Relaxed);
+    let reads: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+
+    let health = cluster.health();
+    let victim_health = health.node("replica2").unwrap();
+    assert!(victim_health.up, "{victim_health:?}");
+    assert_eq!(victim_health.breaker, BreakerState::Closed);
+    let port = read_port(&cluster);
+    assert!(port == survivor.port() || port == victim.port());
+    eprintln!(
+        "{reads} reads, none failed; victim's last read {excluded_after:?} after SIGKILL; \
+         back in rotation {readmitted_after:?} after it accepted connections (health period {PERIOD:?})"
+    );
+    assert!(
+        readmitted_after < PERIOD * 10,
+        "readmission took {readmitted_after:?}"
+    );
+}
+
+#[test]
+fn a_lagging_replica_gets_no_reads_until_it_catches_up() {
+    let local = LocalCluster::start(2).unwrap();
+    let cluster = builder_for(&local)
+        .health_check_period(PERIOD)
+        .max_replica_lag_bytes(1_000_000)
+        .max_replica_lag(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let (fresh, stale) = (&local.replicas()[0], &local.replicas()[1]);
+    cluster
+        .batch_execute("CREATE TABLE filler (pad text)")
+        .unwrap();
+    stale.pause_replay().unwrap();
+    // About 8 MB of WAL the paused replica receives but does not apply.
+    cluster
+        .execute(
+            "INSERT INTO filler SELECT repeat('x', 800) FROM generate_series(1, 10000)",
+            &[],
+        )
+        .unwrap();
+    // The fresh replica may lag past the limit for a moment while it
+    // replays the 8 MB too; wait until it is back and the stale one is out.
+    wait_for(
+        "the stale replica alone to be excluded",
+        Duration::from_secs(10),
+        || {
+            let h = cluster.health();
+            !h.node("replica2").unwrap().eligible_for_reads
+                && h.node("replica1").unwrap().eligible_for_reads
+        },
+    );
+    for _ in 0..50 {
+        assert_eq!(read_port(&cluster), fresh.port());
+    }
+    let health = cluster.health();
+    let stale_health = health.node("replica2").unwrap();
+    assert!(
+        stale_health.up && stale_health.lag_bytes.unwrap() > 1_000_000,
+        "{stale_health:?}"
+    );
+    assert!(
+        stale_health
+            .warnings
+            .iter()
+            .any(|w| w.contains("over the limit")),
+        "{stale_health:?}"
+    );
+    assert_eq!(health.status, HealthStatus::Degraded);
+    assert_eq!(health.node("replica1").unwrap().lag_bytes, Some(0));
+
+    stale.resume_replay().unwrap();
+    local
+        .wait_for_replicas_caught_up(Duration::from_secs(30))
+        .unwrap();
+    wait_for(
+        "the stale replica to get reads again",
+        Duration::from_secs(10),
+        || read_port(&cluster) == stale.port(),
+    );
+    let health = cluster.health();
+    let back = health.node("replica2").unwrap();
+    assert_eq!(back.lag, Some(Duration::ZERO), "{back:?}");
+    assert_eq!(
+        health.status,
+        HealthStatus::Healthy,
+        "{:?}",
+        health.warnings()
+    );
+}
+
+#[test]
+fn with_both_replicas_down_reads_fall_back_or_fail_as_configured() {
+    let local = LocalCluster::start(2).unwrap();
+    let to_primary = builder_for(&local)
+        .health_check_period(PERIOD)
+        .build()
+        .unwrap();
+    let strict = builder_for(&local)
+        .health_check_period(PERIOD)
+        .read_fallback(ReadFallback::Error)
+        .build()
+        .unwrap();
+    for replica in local.replicas() {
+        replica.stop().unwrap();
+    }
+    for cluster in [&to_primary, &strict] {
+        wait_for("both replicas marked down", Duration::from_secs(10), || {
+            cluster.stats().replicas().all(|n| !n.up)
+        });
+    }
+    for _ in 0..10 {
+        assert_eq!(read_port(&to_primary), local.primary().port());
+    }
+    let err = strict.read_query("SELECT 1", &[]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NoEligibleReplica, "{err}");
+    // Writes are unaffected.
+    strict.execute("SELECT 1", &[]).unwrap();
+}
+
+#[test]
+fn a_dead_primary_fails_fast_once_its_breaker_opens() {
+    let local = LocalCluster::start(0).unwrap();
+    let open_for = Duration::from_secs(3);
+    let cluster = pgxkit::Cluster::builder()
+        .primary(local.primary_dsn())
+        .failure_threshold(3)
+        .open_duration(open_for)
+        .health_check_period(Duration::from_secs(3600)) // no probe closes it early
+        .build()
+        .unwrap();
+    cluster.execute("SELECT 1", &[]).unwrap();
+    local.primary().kill().unwrap();
+
+    for i in 0..3 {
+        let err = cluster.execute("SELECT 1", &[]).unwrap_err();
+        assert!(err.is_connection_error(), "failure {i}: {err:?}");
+    }
+    let opened = Instant::now();
+    let err = cluster.execute("SELECT 1", &[]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::CircuitOpen, "{err:?}");
+    assert_eq!(err.node().unwrap().name(), "primary");
+    assert!(err.retry_after().unwrap() <= open_for);
+    assert!(err.is_connection_error() || !err.is_retryable());
+
+    let calls = 1_000;
+    let started = Instant::now();
+    for _ in 0..calls {
+        assert_eq!(
+            cluster.execute("SELECT 1", &[]).unwrap_err().kind(),
+            ErrorKind::CircuitOpen
+        );
+    }
+    let per_call = started.elapsed() / calls;
+    eprintln!("fail-fast with an open breaker: {per_call:?} per call");
+    assert!(per_call < Duration::from_millis(1), "{per_call:?} per call");
+    assert_eq!(cluster.health().status, HealthStatus::Unhealthy);
+    assert!(!cluster.is_ready());
+    assert_eq!(
+        cluster.health_check().unwrap_err().kind(),
+        ErrorKind::CircuitOpen
+    );
+
+    local.primary().start().unwrap();
+    if opened.elapsed() < open_for - Duration::from_millis(500) {
+        assert_eq!(
+            cluster.execute("SELECT 1", &[]).unwrap_err().kind(),
+            ErrorKind::CircuitOpen
+        );
+    }
+    wait_for(
+        "writes to succeed after open_duration",
+        open_for + Duration::from_secs(5),
+        || cluster.execute("SELECT 1", &[]).is_ok(),
+    );
+    assert!(
+        opened.elapsed() >= open_for,
+        "the breaker let a call through early"
+    );
+    assert_eq!(cluster.stats().primary().breaker, BreakerState::Closed);
+    cluster.health_check().unwrap();
+    assert!(cluster.is_ready());
+}
+
+#[test]
+fn statement_errors_never_open_the_breaker() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = pgxkit::Cluster::builder()
+        .primary(local.primary_dsn())
+        .failure_threshold(5)
+        .build()
+        .unwrap();
+    cluster
+        .batch_execute("CREATE TABLE once (id int PRIMARY KEY); INSERT INTO once VALUES (1)")
+        .unwrap();
+    for _ in 0..10_000 {
+        let err = cluster
+            .execute("INSERT INTO once VALUES (1)", &[])
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&pgxkit::postgres::error::SqlState::UNIQUE_VIOLATION)
+        );
+    }
+    assert_eq!(
+        cluster
+            .query_one("SELECT 1 WHERE false", &[])
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(cluster.stats().primary().breaker, BreakerState::Closed);
+    cluster.execute("INSERT INTO once VALUES (2)", &[]).unwrap();
+}
+
+#[test]
+fn health_reports_a_healthy_cluster() {
+    let local = LocalCluster::start(1).unwrap();
+    let cluster = builder_for(&local)
+        .health_check_period(PERIOD)
+        .build()
+        .unwrap();
+    wait_for(
+        "a first probe of every node",
+        Duration::from_secs(5),
+        || {
+            cluster
+                .health()
+                .nodes
+                .iter()
+                .all(|n| n.last_check.is_some())
+        },
+    );
+    cluster.health_check().unwrap();
+    assert!(cluster.is_ready());
+    let report = cluster.health();
+    assert_eq!(
+        report.status,
+        HealthStatus::Healthy,
+        "{:?}",
+        report.warnings()
+    );
+    assert_eq!(report.primary().in_recovery, Some(false));
+    let replica = report.node("replica1").unwrap();
+    assert_eq!(replica.in_recovery, Some(true));
+    assert!(replica.eligible_for_reads);
+    assert_eq!(replica.breaker, BreakerState::Closed);
+    assert!(replica.lag_bytes.is_some() && replica.lag.is_some());
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn health_serialises_like_the_guide_handler() {
+    let local = LocalCluster::start(1).unwrap();
+    let cluster = builder_for(&local)
+        .health_check_period(PERIOD)
+        .build()
+        .unwrap();
+    wait_for("a first probe", Duration::from_secs(5), || {
+        cluster
+            .health()
+            .nodes
+            .iter()
+            .all(|n| n.last_check.is_some())
+    });
+    let json = serde_json::to_value(cluster.health()).unwrap();
+    assert_eq!(json["status"], "healthy");
+    assert!(json["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(json["database"]["connected"], true);
+    assert_eq!(json["database"]["pool_utilization"], "0.00%");
+    assert!(json["database"]["max_connections"].as_u64().unwrap() >= 4);
+    assert!(json.get("warnings").is_none());
+    assert_eq!(json["nodes"][1]["name"], "replica1");
+    assert_eq!(json["nodes"][1]["breaker"], "closed");
+
+    local.primary().kill().unwrap();
+    wait_for("the primary marked down", Duration::from_secs(10), || {
+        !cluster.health().primary().up
+    });
+    let json = serde_json::to_value(cluster.health()).unwrap();
+    assert_eq!(json["status"], "unhealthy");
+    assert!(
+        json["error"].as_str().unwrap().contains("connect"),
+        "{json}"
+    );
+    assert_eq!(json["database"]["connected"], false);
+}
