@@ -3,19 +3,21 @@
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use postgres::Row;
 use postgres::types::ToSql;
+use postgres::{Row, Statement};
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use crate::balancer::RoundRobin;
 use crate::config::{ClusterBuilder, ClusterConfig, ReadFallback};
 use crate::error::{Error, ErrorKind, Result, Role};
 use crate::health::{self, HealthReport, NodeHealth};
+use crate::hooks::{self, AfterOperation, BeforeOperation, Hooks, OperationKind, ParamView};
 use crate::monitor;
-use crate::node::{Node, Timings};
+use crate::node::{Node, NodeOptions};
+use crate::plans::{self, Capture};
 use crate::stats::ClusterStats;
 use crate::sync::lock;
 
@@ -65,13 +67,20 @@ pub(crate) struct Inner {
     max_replica_lag: Option<Duration>,
     max_replica_lag_bytes: Option<u64>,
     read_fallback: ReadFallback,
+    hooks: Arc<Hooks>,
+    plans: Option<Capture>,
     // Dropping the sender stops the health monitor.
     _stop_monitor: Sender<()>,
     _monitor: Mutex<Option<JoinHandle<()>>>,
+    _plan_worker: Mutex<Option<JoinHandle<()>>>,
     _threads: Arc<ScheduledThreadPool>,
 }
 
 impl Inner {
+    pub(crate) fn plans(&self) -> Option<&Capture> {
+        self.plans.as_ref()
+    }
+
     /// The primary, then the replicas.
     pub(crate) fn nodes(&self) -> impl Iterator<Item = &Node> {
         std::iter::once(&self.primary).chain(&self.replicas)
@@ -146,15 +155,19 @@ impl Cluster {
                 .on_drop_behavior(OnPoolDropBehavior::DiscardPendingScheduled)
                 .build(),
         );
-        let timings = Timings {
+        let options = NodeOptions {
             checkout_timeout: config.checkout_timeout,
             validate_after_idle: config.validate_after_idle,
+            breaker: config.breaker,
+            hooks: Arc::clone(&config.hooks),
+            leak_threshold: config.leak_threshold,
+            leak_backtrace: config.leak_backtrace,
         };
-        let primary = Node::open(config.primary, timings, config.breaker, &threads);
+        let primary = Node::open(config.primary, &options, &threads);
         let replicas: Vec<Node> = config
             .replicas
             .into_iter()
-            .map(|r| Node::open(r, timings, config.breaker, &threads))
+            .map(|r| Node::open(r, &options, &threads))
             .collect();
 
         // One connection to each node, all at once, each bounded by its
@@ -174,6 +187,13 @@ impl Cluster {
             return Err(e);
         }
 
+        let (plans, plan_jobs) = match &config.plan_capture {
+            Some(settings) => {
+                let (capture, jobs) = Capture::new(settings);
+                (Some(capture), Some(jobs))
+            }
+            None => (None, None),
+        };
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let inner = Arc::new(Inner {
             primary,
@@ -182,17 +202,37 @@ impl Cluster {
             max_replica_lag: config.max_replica_lag,
             max_replica_lag_bytes: config.max_replica_lag_bytes,
             read_fallback: config.read_fallback,
+            hooks: config.hooks,
+            plans,
+            _plan_worker: Mutex::new(None),
             _stop_monitor: stop_tx,
             _monitor: Mutex::new(None),
             _threads: threads,
         });
-        let monitor = monitor::spawn(Arc::downgrade(&inner), config.health_check_period, stop_rx)
-            .map_err(|e| {
+        let monitor = monitor::spawn(
+            Arc::downgrade(&inner),
+            config.health_check_period,
+            config.leak_threshold,
+            stop_rx,
+        )
+        .map_err(|e| {
             Error::new(ErrorKind::Config)
                 .with_detail("cannot start the health monitor thread")
                 .with_source(e)
         })?;
         *lock(&inner._monitor) = Some(monitor);
+        #[cfg(feature = "prometheus")]
+        if let Some(registry) = &config.prometheus {
+            crate::metrics::ClusterCollector::register(registry, Arc::downgrade(&inner))?;
+        }
+        if let Some(jobs) = plan_jobs {
+            let worker = plans::spawn(Arc::downgrade(&inner), jobs).map_err(|e| {
+                Error::new(ErrorKind::Config)
+                    .with_detail("cannot start the plan capture thread")
+                    .with_source(e)
+            })?;
+            *lock(&inner._plan_worker) = Some(worker);
+        }
         Ok(Cluster { inner })
     }
 
@@ -239,19 +279,101 @@ impl Cluster {
     /// Runs a read on the next eligible node; if that fails at the
     /// connection level (the whole result is lost, no row was returned), runs
     /// it once more on another eligible node.
-    fn read<T>(&self, op: impl Fn(&Node) -> Result<T>) -> Result<T> {
+    fn read<T>(
+        &self,
+        kind: OperationKind,
+        sql: &str,
+        params: Params<'_>,
+        rows: impl Fn(&T) -> Option<u64>,
+        op: impl Fn(&Node) -> Result<T>,
+    ) -> Result<T> {
         let first = self.reader(None)?;
-        match op(first) {
+        match self.hooked(kind, first, sql, params, &rows, &op) {
             Err(e) if e.is_connection_error() => {
                 let second = match self.reader(Some(first)) {
                     Ok(n) if !std::ptr::eq(n, first) => n,
                     _ => return Err(e),
                 };
                 log::warn!("read failed on {}, trying {}: {e}", first.info, second.info);
-                op(second)
+                self.hooked(kind, second, sql, params, &rows, &op)
             }
             other => other,
         }
+    }
+
+    /// Runs `op` on `node` between the operation hooks. With none
+    /// registered it is a plain call: no clock read, no event built.
+    fn hooked<T>(
+        &self,
+        kind: OperationKind,
+        node: &Node,
+        sql: &str,
+        params: Params<'_>,
+        rows: impl Fn(&T) -> Option<u64>,
+        op: impl FnOnce(&Node) -> Result<T>,
+    ) -> Result<T> {
+        let hooks = &*self.inner.hooks;
+        if !hooks.wraps_operations() {
+            return op(node);
+        }
+        let before = BeforeOperation {
+            kind,
+            sql,
+            node: &node.info,
+            params: ParamView::new(params, hooks.log_parameters),
+        };
+        hooks::run(&hooks.before_operation, "before_operation", |hook| {
+            hook(&before)
+        })
+        .map_err(|e| e.with_node(&node.info))?;
+        let started = Instant::now();
+        let result = op(node);
+        if hooks.after_operation.is_empty() {
+            return result;
+        }
+        let after = AfterOperation {
+            before,
+            duration: started.elapsed(),
+            rows: result.as_ref().ok().and_then(&rows),
+            error: result.as_ref().err(),
+        };
+        let verdict = hooks::run(&hooks.after_operation, "after_operation", |hook| {
+            hook(&after)
+        });
+        match verdict {
+            Err(e) if result.is_ok() => Err(e.with_node(&node.info)),
+            Err(e) => {
+                log::warn!("{e} (after a failed operation, whose error is returned)");
+                result
+            }
+            Ok(()) => result,
+        }
+    }
+
+    /// Runs a parameterised statement on `node`, prepared first (the same
+    /// round trips as `Client::query(&str)`, which prepares one itself), so
+    /// that a slow one can have its plan captured with its parameters.
+    fn statement<T>(
+        &self,
+        kind: OperationKind,
+        node: &Node,
+        sql: &str,
+        params: Params<'_>,
+        run: impl FnOnce(&mut postgres::Client, &Statement) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        node.run(|client| {
+            let statement = client.prepare(sql)?;
+            let Some(capture) = self.inner.plans() else {
+                return run(client, &statement);
+            };
+            let started = Instant::now();
+            let result = run(client, &statement);
+            let took = started.elapsed();
+            if result.is_ok() && took > capture.threshold {
+                capture.offer(&node.info, kind, &statement, sql, params, took);
+            }
+            result
+        })
     }
 
     /// Runs a statement on the primary and returns the number of rows it
@@ -263,7 +385,18 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        self.primary().run(|c| c.execute(sql, params))
+        self.hooked(
+            OperationKind::Execute,
+            self.primary(),
+            sql,
+            params,
+            |n| Some(*n),
+            |node| {
+                self.statement(OperationKind::Execute, node, sql, params, |c, s| {
+                    c.execute(s, params)
+                })
+            },
+        )
     }
 
     /// Runs a query on the primary and returns all rows.
@@ -276,7 +409,18 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        self.primary().run(|c| c.query(sql, params))
+        self.hooked(
+            OperationKind::Query,
+            self.primary(),
+            sql,
+            params,
+            row_count,
+            |node| {
+                self.statement(OperationKind::Query, node, sql, params, |c, s| {
+                    c.query(s, params)
+                })
+            },
+        )
     }
 
     /// Runs a query on the primary that must return exactly one row:
@@ -288,9 +432,19 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        let node = self.primary();
-        node.run(|c| c.query(sql, params))
-            .and_then(|rows| exactly_one(rows, node))
+        self.hooked(
+            OperationKind::QueryOne,
+            self.primary(),
+            sql,
+            params,
+            |_| Some(1),
+            |node| {
+                self.statement(OperationKind::QueryOne, node, sql, params, |c, s| {
+                    c.query(s, params)
+                })
+                .and_then(|rows| exactly_one(rows, node))
+            },
+        )
     }
 
     /// Runs a query on the primary that returns at most one row.
@@ -303,9 +457,19 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        let node = self.primary();
-        node.run(|c| c.query(sql, params))
-            .and_then(|rows| at_most_one(rows, node))
+        self.hooked(
+            OperationKind::QueryOpt,
+            self.primary(),
+            sql,
+            params,
+            opt_count,
+            |node| {
+                self.statement(OperationKind::QueryOpt, node, sql, params, |c, s| {
+                    c.query(s, params)
+                })
+                .and_then(|rows| at_most_one(rows, node))
+            },
+        )
     }
 
     /// Runs one or more statements separated by semicolons on the primary,
@@ -317,7 +481,14 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn batch_execute(&self, sql: &str) -> Result<()> {
-        self.primary().run(|c| c.batch_execute(sql))
+        self.hooked(
+            OperationKind::BatchExecute,
+            self.primary(),
+            sql,
+            &[],
+            |_| None,
+            |node| node.run(|c| c.batch_execute(sql)),
+        )
     }
 
     /// Runs a query on the next replica (round-robin) and returns all rows.
@@ -329,7 +500,10 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn read_query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        self.read(|node| node.run(|c| c.query(sql, params)))
+        let kind = OperationKind::ReadQuery;
+        self.read(kind, sql, params, row_count, |node| {
+            self.statement(kind, node, sql, params, |c, s| c.query(s, params))
+        })
     }
 
     /// [`read_query`](Self::read_query) that must return exactly one row.
@@ -340,10 +514,17 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn read_query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        self.read(|node| {
-            node.run(|c| c.query(sql, params))
-                .and_then(|rows| exactly_one(rows, node))
-        })
+        let kind = OperationKind::ReadQueryOne;
+        self.read(
+            kind,
+            sql,
+            params,
+            |_| Some(1),
+            |node| {
+                self.statement(kind, node, sql, params, |c, s| c.query(s, params))
+                    .and_then(|rows| exactly_one(rows, node))
+            },
+        )
     }
 
     /// [`read_query`](Self::read_query) that returns at most one row.
@@ -354,8 +535,9 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn read_query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        self.read(|node| {
-            node.run(|c| c.query(sql, params))
+        let kind = OperationKind::ReadQueryOpt;
+        self.read(kind, sql, params, opt_count, |node| {
+            self.statement(kind, node, sql, params, |c, s| c.query(s, params))
                 .and_then(|rows| at_most_one(rows, node))
         })
     }
@@ -379,7 +561,14 @@ impl Cluster {
         &self,
         f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
-        self.primary().run(f)
+        self.hooked(
+            OperationKind::WithPrimary,
+            self.primary(),
+            "",
+            &[],
+            |_| None,
+            |node| node.run(f),
+        )
     }
 
     /// Like [`with_primary`](Self::with_primary), on the replica the next
@@ -395,7 +584,15 @@ impl Cluster {
         &self,
         f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
-        self.reader(None)?.run(f)
+        let node = self.reader(None)?;
+        self.hooked(
+            OperationKind::WithReplica,
+            node,
+            "",
+            &[],
+            |_| None,
+            |node| node.run(f),
+        )
     }
 
     /// A snapshot of every node's pool. Takes each pool's lock briefly; the
@@ -443,7 +640,7 @@ impl Cluster {
 
     fn ping_primary(&self, timeout: Duration) -> Result<()> {
         let node = self.primary();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let permit = node.admit()?;
         let result = node.checkout_within(timeout).and_then(|mut conn| {
             let left = timeout
@@ -492,6 +689,16 @@ impl Cluster {
             .collect();
         HealthReport::new(nodes)
     }
+}
+
+// `&Vec` because `hooked` hands the operation's own result type by reference.
+#[allow(clippy::ptr_arg)]
+fn row_count(rows: &Vec<Row>) -> Option<u64> {
+    Some(rows.len() as u64)
+}
+
+fn opt_count(row: &Option<Row>) -> Option<u64> {
+    Some(u64::from(row.is_some()))
 }
 
 fn exactly_one(rows: Vec<Row>, node: &Node) -> Result<Row> {

@@ -1,6 +1,7 @@
 //! `ClusterBuilder`: every option, with its default; validation in `build()`.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use postgres_native_tls::MakeTlsConnector;
@@ -9,6 +10,11 @@ use crate::breaker::BreakerConfig;
 use crate::cluster::Cluster;
 use crate::dsn::{Dsn, PoolOverrides, redact_dsn};
 use crate::error::{Error, NodeInfo, Result, Role};
+use crate::hooks::{
+    AfterOperation, BeforeOperation, ConnectionEvent, HookResult, Hooks, NodeEvent, ShutdownEvent,
+    TransactionEvent,
+};
+use crate::plans::PlanCapture;
 use crate::tls;
 
 /// Configures and builds a [`Cluster`]. Setters never fail; `build()`
@@ -51,6 +57,12 @@ pub struct ClusterBuilder {
     max_replica_lag: Option<Duration>,
     max_replica_lag_bytes: Option<u64>,
     read_fallback: ReadFallback,
+    hooks: Hooks,
+    leak_threshold: Option<Duration>,
+    leak_backtrace: bool,
+    plan_capture: Option<PlanCapture>,
+    #[cfg(feature = "prometheus")]
+    prometheus: Option<prometheus::Registry>,
 }
 
 /// What reads do when no replica is eligible (all down, open breakers, or
@@ -106,6 +118,12 @@ impl Default for ClusterBuilder {
             max_replica_lag: None,
             max_replica_lag_bytes: None,
             read_fallback: ReadFallback::Primary,
+            hooks: Hooks::default(),
+            leak_threshold: None,
+            leak_backtrace: false,
+            plan_capture: None,
+            #[cfg(feature = "prometheus")]
+            prometheus: None,
         }
     }
 }
@@ -132,6 +150,10 @@ impl fmt::Debug for ClusterBuilder {
             .field("max_replica_lag", &self.max_replica_lag)
             .field("max_replica_lag_bytes", &self.max_replica_lag_bytes)
             .field("read_fallback", &self.read_fallback)
+            .field("hooks", &self.hooks)
+            .field("leak_threshold", &self.leak_threshold)
+            .field("leak_backtrace", &self.leak_backtrace)
+            .field("plan_capture", &self.plan_capture)
             .finish()
     }
 }
@@ -325,6 +347,163 @@ impl ClusterBuilder {
         self
     }
 
+    /// Adds a hook run before every operation, after the node is chosen and
+    /// before a connection is checked out. An `Err` (or a panic) vetoes the
+    /// operation: it never reaches the server, and the caller gets
+    /// [`ErrorKind::Hook`](crate::ErrorKind::Hook). Hooks run in the order added.
+    pub fn before_operation(
+        mut self,
+        hook: impl Fn(&BeforeOperation<'_>) -> HookResult + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.before_operation.push(Arc::new(hook));
+        self
+    }
+
+    /// Adds a hook run after every operation with its duration, rows and
+    /// error. An `Err` from it is logged, and returned as
+    /// [`ErrorKind::Hook`](crate::ErrorKind::Hook) only if the operation
+    /// itself succeeded (the operation's own error wins).
+    pub fn after_operation(
+        mut self,
+        hook: impl Fn(&AfterOperation<'_>) -> HookResult + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.after_operation.push(Arc::new(hook));
+        self
+    }
+
+    /// Adds a hook run before a transaction begins; an `Err` vetoes it.
+    pub fn before_transaction(
+        mut self,
+        hook: impl Fn(&TransactionEvent<'_>) -> HookResult + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.before_transaction.push(Arc::new(hook));
+        self
+    }
+
+    /// Adds a hook run after a transaction commits or rolls back.
+    pub fn after_transaction(
+        mut self,
+        hook: impl Fn(&TransactionEvent<'_>) -> HookResult + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.after_transaction.push(Arc::new(hook));
+        self
+    }
+
+    /// Adds a hook run on every new connection before it joins the pool,
+    /// e.g. to `SET` session settings. An `Err` rejects the connection.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().on_connect(|client, _node| {
+    ///     client.batch_execute("SET statement_timeout = '30s'")?;
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn on_connect(
+        mut self,
+        hook: impl Fn(&mut postgres::Client, &NodeInfo) -> HookResult + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.on_connect.push(Arc::new(hook));
+        self
+    }
+
+    /// Adds a hook run when a connection leaves its pool (with its age and the reason).
+    pub fn on_disconnect(
+        mut self,
+        hook: impl Fn(&ConnectionEvent<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.on_disconnect.push(Arc::new(hook));
+        self
+    }
+
+    /// Adds a hook run on every checkout (with the wait).
+    pub fn on_acquire(
+        mut self,
+        hook: impl Fn(&ConnectionEvent<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.on_acquire.push(Arc::new(hook));
+        self
+    }
+
+    /// Adds a hook run when a checked-out connection is given back (with how long it was held).
+    pub fn on_release(
+        mut self,
+        hook: impl Fn(&ConnectionEvent<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.on_release.push(Arc::new(hook));
+        self
+    }
+
+    /// Adds a hook run when `shutdown` begins.
+    pub fn on_shutdown(mut self, hook: impl Fn(&ShutdownEvent) + Send + Sync + 'static) -> Self {
+        self.hooks.on_shutdown.push(Arc::new(hook));
+        self
+    }
+
+    /// Adds a hook run when a node's circuit breaker changes state.
+    pub fn on_breaker_state_change(
+        mut self,
+        hook: impl Fn(&NodeEvent<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.on_breaker_state_change.push(Arc::new(hook));
+        self
+    }
+
+    /// Adds a hook run when the health monitor finds a node gone down or back up.
+    pub fn on_node_health_change(
+        mut self,
+        hook: impl Fn(&NodeEvent<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.on_node_health_change.push(Arc::new(hook));
+        self
+    }
+
+    /// Whether hooks (and the ready-made slow-query log) may see statement
+    /// parameters as text. They may hold personal data. Defaults to `false`:
+    /// hooks see only the count.
+    pub fn log_parameters(mut self, yes: bool) -> Self {
+        self.hooks.log_parameters = yes;
+        self
+    }
+
+    /// Logs (once, at `warn`) any connection checked out for longer than
+    /// this: a leak, or a transaction left open. Defaults to off.
+    pub fn leak_detection_threshold(mut self, d: Duration) -> Self {
+        self.leak_threshold = Some(d);
+        self
+    }
+
+    /// With leak detection on, capture a backtrace at each checkout and log
+    /// it with the leak. Costly; defaults to `false`.
+    pub fn leak_detection_backtrace(mut self, yes: bool) -> Self {
+        self.leak_backtrace = yes;
+        self
+    }
+
+    /// Captures the plan of statements slower than the capture's threshold,
+    /// on a background worker (see [`PlanCapture`]). Defaults to off.
+    pub fn capture_slow_plans(mut self, capture: PlanCapture) -> Self {
+        self.plan_capture = Some(capture);
+        self
+    }
+
+    /// Registers pgxkit's metrics on `registry` at `build()` (feature
+    /// `prometheus`); see the crate's metrics table in the README. A name
+    /// already registered there fails `build()` with a `Config` error.
+    ///
+    /// ```no_run
+    /// let registry = prometheus::Registry::new();
+    /// let cluster = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@localhost/app")
+    ///     .prometheus(&registry)
+    ///     .build()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    #[cfg(feature = "prometheus")]
+    pub fn prometheus(mut self, registry: &prometheus::Registry) -> Self {
+        self.prometheus = Some(registry.clone());
+        self
+    }
+
     /// Validates the configuration, opens the pools and returns the cluster.
     ///
     /// Blocks while it connects once to each node (each attempt bounded by
@@ -372,6 +551,9 @@ impl ClusterBuilder {
             return Err(Error::config("half_open_max_calls: must be at least 1"));
         }
         positive("open_duration", self.breaker.open_duration)?;
+        if let Some(d) = self.leak_threshold {
+            positive("leak_detection_threshold", d)?;
+        }
         Ok(ClusterConfig {
             primary,
             replicas,
@@ -383,7 +565,24 @@ impl ClusterBuilder {
             max_replica_lag: self.max_replica_lag,
             max_replica_lag_bytes: self.max_replica_lag_bytes,
             read_fallback: self.read_fallback,
+            hooks: Arc::new(self.resolve_hooks()?),
+            leak_threshold: self.leak_threshold,
+            leak_backtrace: self.leak_backtrace,
+            plan_capture: self.plan_capture.clone(),
+            #[cfg(feature = "prometheus")]
+            prometheus: self.prometheus.clone(),
         })
+    }
+
+    /// The user's hooks plus the internal ones (metrics).
+    fn resolve_hooks(&self) -> Result<Hooks> {
+        #[allow(unused_mut)]
+        let mut hooks = self.hooks.clone();
+        #[cfg(feature = "prometheus")]
+        if let Some(registry) = &self.prometheus {
+            crate::metrics::OperationMetrics::install(registry, &mut hooks)?;
+        }
+        Ok(hooks)
     }
 
     fn node(&self, name: String, role: Role, dsn: &str) -> Result<NodeConfig> {
@@ -478,4 +677,10 @@ pub(crate) struct ClusterConfig {
     pub(crate) max_replica_lag: Option<Duration>,
     pub(crate) max_replica_lag_bytes: Option<u64>,
     pub(crate) read_fallback: ReadFallback,
+    pub(crate) hooks: Arc<Hooks>,
+    pub(crate) leak_threshold: Option<Duration>,
+    pub(crate) leak_backtrace: bool,
+    pub(crate) plan_capture: Option<PlanCapture>,
+    #[cfg(feature = "prometheus")]
+    pub(crate) prometheus: Option<prometheus::Registry>,
 }

@@ -183,6 +183,7 @@ pub(crate) fn warnings(
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-29T23:41:05.123Z`.
+#[cfg(any(feature = "serde", test))]
 pub(crate) fn rfc3339(t: SystemTime) -> String {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();

@@ -10,9 +10,13 @@ mod dsn;
 mod env;
 mod error;
 mod health;
+pub mod hooks;
 mod manager;
+#[cfg(feature = "prometheus")]
+pub mod metrics;
 mod monitor;
 mod node;
+mod plans;
 mod stats;
 mod sync;
 mod tls;
@@ -27,6 +31,8 @@ pub use dsn::{SslMode, parse_duration, redact_dsn};
 pub use env::{dsn_from_env, dsn_from_env_with};
 pub use error::{Error, ErrorKind, NodeInfo, Result, Role};
 pub use health::{HealthReport, HealthStatus, NodeHealth};
+pub use hooks::{AfterOperation, BeforeOperation, HookResult, OperationKind};
+pub use plans::{CapturedPlan, PlanCapture};
 pub use stats::{ClusterStats, NodeStats, PoolStats};
 
 /// The driver's types that appear in pgxkit's API.

@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 
 use postgres_native_tls::MakeTlsConnector;
 
-use crate::error::NodeInfo;
+use crate::error::{Error, ErrorKind, NodeInfo, source_chain};
+use crate::hooks::{self, ConnectionEvent, DisconnectReason, Hooks};
 use crate::sync::lock;
 
 /// A pooled connection: the driver's client plus what the pool needs to know.
 pub(crate) struct Conn {
     pub(crate) client: postgres::Client,
+    created: Instant,
     expires: Instant,
     returned: Instant,
     /// Set when an operation saw the connection fail; it is then discarded.
@@ -49,6 +51,7 @@ pub(crate) struct Counters {
 #[derive(Debug)]
 pub(crate) struct PoolShared {
     pub(crate) node: NodeInfo,
+    pub(crate) hooks: Arc<Hooks>,
     pub(crate) counters: Counters,
     /// The latest failure to connect (cleared by a success), so a checkout
     /// timeout can say why no connection came.
@@ -56,9 +59,10 @@ pub(crate) struct PoolShared {
 }
 
 impl PoolShared {
-    pub(crate) fn new(node: NodeInfo) -> Arc<Self> {
+    pub(crate) fn new(node: NodeInfo, hooks: Arc<Hooks>) -> Arc<Self> {
         Arc::new(PoolShared {
             node,
+            hooks,
             counters: Counters::default(),
             last_connect_error: Mutex::new(None),
         })
@@ -130,18 +134,36 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// Opens a connection and runs the `on_connect` hooks on it; a hook's
+    /// error rejects the connection.
+    fn open(&self) -> Result<postgres::Client, Error> {
+        let node = &self.shared.node;
+        let mut client = self.connector.connect().map_err(|e| {
+            Error::new(ErrorKind::Connect)
+                .with_node(node)
+                .with_source(e)
+        })?;
+        let hooks = &self.shared.hooks.on_connect;
+        hooks::run(hooks, "on_connect", |hook| hook(&mut client, node))
+            .map_err(|e| e.with_node(node))?;
+        Ok(client)
+    }
+}
+
 impl r2d2::ManageConnection for Manager {
     type Connection = Conn;
-    type Error = postgres::Error;
+    type Error = Error;
 
-    fn connect(&self) -> Result<Conn, postgres::Error> {
-        match self.connector.connect() {
+    fn connect(&self) -> Result<Conn, Error> {
+        match self.open() {
             Ok(client) => {
                 self.shared.counters.created.fetch_add(1, Relaxed);
                 *lock(&self.shared.last_connect_error) = None;
                 let now = Instant::now();
                 Ok(Conn {
                     client,
+                    created: now,
                     expires: now + self.lifetime(),
                     returned: now,
                     broken: false,
@@ -149,14 +171,16 @@ impl r2d2::ManageConnection for Manager {
             }
             Err(e) => {
                 self.shared.counters.connect_failures.fetch_add(1, Relaxed);
-                *lock(&self.shared.last_connect_error) = Some((Instant::now(), e.to_string()));
+                *lock(&self.shared.last_connect_error) = Some((Instant::now(), source_chain(&e)));
                 Err(e)
             }
         }
     }
 
-    fn is_valid(&self, conn: &mut Conn) -> Result<(), postgres::Error> {
-        conn.client.is_valid(Duration::from_secs(5))
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), Error> {
+        conn.client
+            .is_valid(Duration::from_secs(5))
+            .map_err(|e| Error::from_postgres(e, &self.shared.node))
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
@@ -170,18 +194,28 @@ impl r2d2::ManageConnection for Manager {
 #[derive(Debug)]
 pub(crate) struct ReleaseCounter(pub(crate) Arc<PoolShared>);
 
-impl r2d2::CustomizeConnection<Conn, postgres::Error> for ReleaseCounter {
+impl r2d2::CustomizeConnection<Conn, Error> for ReleaseCounter {
     fn on_release(&self, conn: Conn) {
         let counters = &self.0.counters;
-        let counter = if conn.broken || conn.client.is_closed() {
-            &counters.closed_broken
+        let (counter, reason) = if conn.broken || conn.client.is_closed() {
+            (&counters.closed_broken, DisconnectReason::Broken)
         } else if conn.expired(Instant::now()) {
-            &counters.closed_lifetime
+            (&counters.closed_lifetime, DisconnectReason::Lifetime)
         } else {
-            &counters.closed_idle
+            (&counters.closed_idle, DisconnectReason::Idle)
         };
         counter.fetch_add(1, Relaxed);
-        log::debug!("closing a connection to {}", self.0.node);
+        log::debug!("closing a connection to {} ({reason:?})", self.0.node);
+        let age = conn.created.elapsed();
+        drop(conn);
+        let event = ConnectionEvent {
+            node: &self.0.node,
+            duration: age,
+            reason: Some(reason),
+        };
+        hooks::notify(&self.0.hooks.on_disconnect, "on_disconnect", |hook| {
+            hook(&event)
+        });
     }
 }
 
@@ -189,10 +223,10 @@ impl r2d2::CustomizeConnection<Conn, postgres::Error> for ReleaseCounter {
 /// the failure in their own error, and a down node would otherwise flood
 /// the log with one line per retry.
 #[derive(Debug)]
-pub(crate) struct ConnectErrorLog(pub(crate) NodeInfo);
+pub(crate) struct ConnectErrorLog;
 
-impl r2d2::HandleError<postgres::Error> for ConnectErrorLog {
-    fn handle_error(&self, error: postgres::Error) {
-        log::debug!("cannot connect to {}: {error}", self.0);
+impl r2d2::HandleError<Error> for ConnectErrorLog {
+    fn handle_error(&self, error: Error) {
+        log::debug!("{}", source_chain(&error));
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Weak;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime};
 
-use crossbeam_channel::{Receiver, select, tick};
+use crossbeam_channel::{Receiver, never, select, tick};
 use postgres::types::ToSql;
 
 use crate::cluster::Inner;
@@ -39,26 +39,42 @@ const REPLICA_PROBE: &str = "SELECT pg_is_in_recovery(), \
 pub(crate) fn spawn(
     cluster: Weak<Inner>,
     period: Duration,
+    leak_threshold: Option<Duration>,
     stop: Receiver<()>,
 ) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("pgxkit-health".to_owned())
-        .spawn(move || run(&cluster, period, &stop))
+        .spawn(move || run(&cluster, period, leak_threshold, &stop))
 }
 
-fn run(cluster: &Weak<Inner>, period: Duration, stop: &Receiver<()>) {
+fn run(
+    cluster: &Weak<Inner>,
+    period: Duration,
+    leak_threshold: Option<Duration>,
+    stop: &Receiver<()>,
+) {
     let ticker = tick(period);
+    // Leaks are looked for a few times per threshold, between 10 ms and 1 s.
+    let leak_ticker = match leak_threshold {
+        Some(t) => tick((t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))),
+        None => never(),
+    };
     // One probe connection per node, kept between rounds.
     let mut probes: Vec<Option<postgres::Client>> = Vec::new();
     loop {
-        select! {
+        let leaks_only = select! {
             recv(stop) -> _ => return,
-            recv(ticker) -> _ => {}
-        }
+            recv(ticker) -> _ => false,
+            recv(leak_ticker) -> _ => true,
+        };
         let Some(inner) = cluster.upgrade() else {
             return;
         };
-        round(&inner, &mut probes);
+        if leaks_only {
+            inner.nodes().for_each(Node::check_leaks);
+        } else {
+            round(&inner, &mut probes);
+        }
     }
 }
 
@@ -136,12 +152,7 @@ fn apply(
         node.set_lag(lag_bytes, lag);
         node.probe_succeeded();
     }
-    let was_up = node.set_up(up);
-    match (was_up, up, &error) {
-        (true, false, Some(why)) => log::warn!("{} is down: {why}", node.info),
-        (false, true, _) => log::info!("{} is up again", node.info),
-        _ => {}
-    }
+    node.record_up(up, error.as_deref());
     node.set_probe_record(ProbeRecord {
         checked_at: Some(SystemTime::now()),
         in_recovery,

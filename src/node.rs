@@ -1,6 +1,8 @@
 //! One server: its role, its r2d2 pool, its circuit breaker, what the health
 //! monitor last saw of it, and its counters.
 
+use std::backtrace::Backtrace;
+use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -12,6 +14,7 @@ use scheduled_thread_pool::ScheduledThreadPool;
 use crate::breaker::{Breaker, BreakerConfig, BreakerState, Outcome, Transition};
 use crate::config::NodeConfig;
 use crate::error::{Error, ErrorKind, NodeInfo, Result, RetryAfter};
+use crate::hooks::{self, ConnectionEvent, Hooks, NodeEvent};
 use crate::manager::{ConnectErrorLog, Connector, Manager, PoolShared, ReleaseCounter};
 use crate::stats::{NodeStats, PoolStats};
 use crate::sync::lock;
@@ -26,11 +29,36 @@ const CONNECT_FAILURE_POLL: Duration = Duration::from_millis(25);
 /// Marks "no value" in the lag atomics.
 const UNKNOWN: u64 = u64::MAX;
 
-/// Cluster-wide checkout settings every node uses.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Timings {
+/// A pool above this share of connections in use is logged (once, until it
+/// drops below `UTILIZATION_CLEAR`).
+const UTILIZATION_WARN_TENTHS: u32 = 9;
+const UTILIZATION_CLEAR_TENTHS: u32 = 8;
+
+/// Cluster-wide settings every node uses.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeOptions {
     pub(crate) checkout_timeout: Duration,
     pub(crate) validate_after_idle: Duration,
+    pub(crate) breaker: BreakerConfig,
+    pub(crate) hooks: Arc<Hooks>,
+    pub(crate) leak_threshold: Option<Duration>,
+    pub(crate) leak_backtrace: bool,
+}
+
+/// Connections checked out now, for leak detection (only when enabled).
+#[derive(Debug)]
+struct LeakTracker {
+    threshold: Duration,
+    backtrace: bool,
+    next_id: AtomicU64,
+    leases: Mutex<HashMap<u64, LeaseRecord>>,
+}
+
+#[derive(Debug)]
+struct LeaseRecord {
+    acquired: Instant,
+    backtrace: Option<Backtrace>,
+    reported: bool,
 }
 
 /// What the last health probe found, beyond the atomics on the hot path.
@@ -48,7 +76,12 @@ pub(crate) struct Node {
     connector: Arc<Connector>,
     shared: Arc<PoolShared>,
     max_conns: u32,
-    timings: Timings,
+    checkout_timeout: Duration,
+    validate_after_idle: Duration,
+    hooks: Arc<Hooks>,
+    in_use: AtomicU32,
+    utilization_warned: AtomicBool,
+    leaks: Option<LeakTracker>,
     up: AtomicBool,
     lag_bytes: AtomicU64,
     lag_micros: AtomicU64,
@@ -59,27 +92,46 @@ pub(crate) struct Node {
     breaker_failures: AtomicU32,
 }
 
-/// A pooled connection that is discarded instead of returned when a panic
-/// unwinds through its user (its state is then unknown).
-pub(crate) struct Lease(PooledConnection<Manager>);
+/// A checked-out connection. Returned to the pool on drop, or discarded
+/// when a panic unwinds through its user (its state is then unknown);
+/// runs the `on_release` hooks and ends leak tracking.
+pub(crate) struct Lease<'a> {
+    conn: PooledConnection<Manager>,
+    node: &'a Node,
+    acquired: Instant,
+    leak_id: Option<u64>,
+}
 
-impl Deref for Lease {
+impl Deref for Lease<'_> {
     type Target = PooledConnection<Manager>;
     fn deref(&self) -> &Self::Target {
-        &self.0
+        &self.conn
     }
 }
 
-impl DerefMut for Lease {
+impl DerefMut for Lease<'_> {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
+        &mut self.conn
     }
 }
 
-impl Drop for Lease {
+impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.broken = true;
+            self.conn.broken = true;
+        }
+        let node = self.node;
+        node.in_use.fetch_sub(1, Relaxed);
+        if let (Some(id), Some(leaks)) = (self.leak_id, &node.leaks) {
+            lock(&leaks.leases).remove(&id);
+        }
+        if !node.hooks.on_release.is_empty() {
+            let event = ConnectionEvent {
+                node: &node.info,
+                duration: self.acquired.elapsed(),
+                reason: None,
+            };
+            hooks::notify(&node.hooks.on_release, "on_release", |hook| hook(&event));
         }
     }
 }
@@ -115,8 +167,7 @@ impl Drop for Permit<'_> {
 impl Node {
     pub(crate) fn open(
         config: NodeConfig,
-        timings: Timings,
-        breaker: BreakerConfig,
+        options: &NodeOptions,
         threads: &Arc<ScheduledThreadPool>,
     ) -> Node {
         let NodeConfig {
@@ -126,7 +177,7 @@ impl Node {
             pool,
             ..
         } = config;
-        let shared = PoolShared::new(info.clone());
+        let shared = PoolShared::new(info.clone(), Arc::clone(&options.hooks));
         let connector = Arc::new(Connector { pg, tls });
         let manager = Manager::new(
             Arc::clone(&connector),
@@ -141,10 +192,10 @@ impl Node {
             .min_idle(Some(pool.min_conns))
             .max_lifetime(Some(pool.max_conn_lifetime + pool.max_conn_lifetime_jitter))
             .idle_timeout(Some(pool.max_conn_idle_time))
-            .connection_timeout(timings.checkout_timeout)
+            .connection_timeout(options.checkout_timeout)
             .test_on_check_out(false)
             .thread_pool(Arc::clone(threads))
-            .error_handler(Box::new(ConnectErrorLog(info.clone())))
+            .error_handler(Box::new(ConnectErrorLog))
             .connection_customizer(Box::new(ReleaseCounter(Arc::clone(&shared))))
             .build_unchecked(manager);
         Node {
@@ -153,12 +204,22 @@ impl Node {
             connector,
             shared,
             max_conns: pool.max_conns,
-            timings,
+            checkout_timeout: options.checkout_timeout,
+            validate_after_idle: options.validate_after_idle,
+            hooks: Arc::clone(&options.hooks),
+            in_use: AtomicU32::new(0),
+            utilization_warned: AtomicBool::new(false),
+            leaks: options.leak_threshold.map(|threshold| LeakTracker {
+                threshold,
+                backtrace: options.leak_backtrace,
+                next_id: AtomicU64::new(0),
+                leases: Mutex::new(HashMap::new()),
+            }),
             up: AtomicBool::new(true),
             lag_bytes: AtomicU64::new(UNKNOWN),
             lag_micros: AtomicU64::new(UNKNOWN),
             probe: Mutex::new(ProbeRecord::default()),
-            breaker: Mutex::new(Breaker::new(breaker)),
+            breaker: Mutex::new(Breaker::new(options.breaker)),
             breaker_state: AtomicU8::new(BreakerState::Closed.to_u8()),
             breaker_failures: AtomicU32::new(0),
         }
@@ -296,7 +357,40 @@ impl Node {
                     t.from
                 ),
             }
+            let event = NodeEvent {
+                node: &self.info,
+                breaker: Some((t.from, t.to)),
+                up: None,
+            };
+            hooks::notify(
+                &self.hooks.on_breaker_state_change,
+                "on_breaker_state_change",
+                |hook| hook(&event),
+            );
         }
+    }
+
+    /// Records whether the node answered its probe; logs and runs the hooks on a change.
+    pub(crate) fn record_up(&self, up: bool, why: Option<&str>) {
+        let was_up = self.set_up(up);
+        if was_up == up {
+            return;
+        }
+        if up {
+            log::info!("{} is up again", self.info);
+        } else {
+            log::warn!("{} is down: {}", self.info, why.unwrap_or("probe failed"));
+        }
+        let event = NodeEvent {
+            node: &self.info,
+            breaker: None,
+            up: Some(up),
+        };
+        hooks::notify(
+            &self.hooks.on_node_health_change,
+            "on_node_health_change",
+            |hook| hook(&event),
+        );
     }
 
     /// Opens one connection outside the pool, bounded by the connect timeout.
@@ -327,8 +421,8 @@ impl Node {
     }
 
     /// A connection from the pool, waiting at most the checkout timeout.
-    pub(crate) fn checkout(&self) -> Result<Lease> {
-        self.checkout_within(self.timings.checkout_timeout)
+    pub(crate) fn checkout(&self) -> Result<Lease<'_>> {
+        self.checkout_within(self.checkout_timeout)
     }
 
     /// A connection from the pool within `timeout`. A connection idle for
@@ -336,7 +430,7 @@ impl Node {
     /// a dead or expired one is discarded and another taken, within the same
     /// deadline. When the pool must open a connection and that fails, the
     /// checkout fails at once with `Connect`.
-    pub(crate) fn checkout_within(&self, timeout: Duration) -> Result<Lease> {
+    pub(crate) fn checkout_within(&self, timeout: Duration) -> Result<Lease<'_>> {
         let start = Instant::now();
         let deadline = start + timeout;
         loop {
@@ -361,18 +455,97 @@ impl Node {
             if conn.expired(now) {
                 continue; // dropped here: has_broken sees the expiry, counted as lifetime
             }
-            if conn.idle_for(now) >= self.timings.validate_after_idle {
+            if conn.idle_for(now) >= self.validate_after_idle {
                 self.shared.counters.validations.fetch_add(1, Relaxed);
                 if conn.client.is_valid(VALIDATE_TIMEOUT).is_err() {
                     conn.broken = true;
                     continue;
                 }
             }
-            let waited = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            let counters = &self.shared.counters;
-            counters.acquires.fetch_add(1, Relaxed);
-            counters.acquire_wait_nanos.fetch_add(waited, Relaxed);
-            return Ok(Lease(conn));
+            return Ok(self.lease(conn, start));
+        }
+    }
+
+    /// Books a successful checkout: counters, the utilisation warning, leak
+    /// tracking, the `on_acquire` hooks.
+    fn lease(&self, conn: PooledConnection<Manager>, start: Instant) -> Lease<'_> {
+        let acquired = Instant::now();
+        let waited = acquired - start;
+        let counters = &self.shared.counters;
+        counters.acquires.fetch_add(1, Relaxed);
+        counters.acquire_wait_nanos.fetch_add(
+            u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+        let in_use = self.in_use.fetch_add(1, Relaxed) + 1;
+        if in_use * 10 >= self.max_conns * UTILIZATION_WARN_TENTHS {
+            if !self.utilization_warned.swap(true, Relaxed) {
+                log::warn!(
+                    "connection pool of {} is {}% in use ({in_use} of {})",
+                    self.info,
+                    in_use * 100 / self.max_conns,
+                    self.max_conns
+                );
+            }
+        } else if in_use * 10 < self.max_conns * UTILIZATION_CLEAR_TENTHS
+            && self.utilization_warned.load(Relaxed)
+        {
+            self.utilization_warned.store(false, Relaxed);
+        }
+        let leak_id = self.leaks.as_ref().map(|leaks| {
+            let id = leaks.next_id.fetch_add(1, Relaxed);
+            let record = LeaseRecord {
+                acquired,
+                backtrace: leaks.backtrace.then(Backtrace::force_capture),
+                reported: false,
+            };
+            lock(&leaks.leases).insert(id, record);
+            id
+        });
+        if !self.hooks.on_acquire.is_empty() {
+            let event = ConnectionEvent {
+                node: &self.info,
+                duration: waited,
+                reason: None,
+            };
+            hooks::notify(&self.hooks.on_acquire, "on_acquire", |hook| hook(&event));
+        }
+        Lease {
+            conn,
+            node: self,
+            acquired,
+            leak_id,
+        }
+    }
+
+    /// Logs, once each, connections held longer than the leak threshold.
+    pub(crate) fn check_leaks(&self) {
+        let Some(leaks) = &self.leaks else {
+            return;
+        };
+        let mut found = Vec::new();
+        for record in lock(&leaks.leases).values_mut() {
+            let held = record.acquired.elapsed();
+            if !record.reported && held > leaks.threshold {
+                record.reported = true;
+                found.push((held, record.backtrace.as_ref().map(ToString::to_string)));
+            }
+        }
+        // Logged after the lock is released.
+        for (held, backtrace) in found {
+            match backtrace {
+                Some(bt) => log::warn!(
+                    "possible connection leak: a connection to {} held for {held:?} (threshold {:?}), checked out at:\n{bt}",
+                    self.info,
+                    leaks.threshold
+                ),
+                None => log::warn!(
+                    "possible connection leak: a connection to {} held for {held:?} (threshold {:?}); \
+                     enable leak_detection_backtrace to see where it was checked out",
+                    self.info,
+                    leaks.threshold
+                ),
+            }
         }
     }
 
@@ -410,7 +583,7 @@ impl Node {
 
     /// Converts a driver error, marking the connection broken when the
     /// error says the connection itself is gone.
-    pub(crate) fn failed(&self, conn: &mut Lease, err: postgres::Error) -> Error {
+    pub(crate) fn failed(&self, conn: &mut Lease<'_>, err: postgres::Error) -> Error {
         let err = Error::from_postgres(err, &self.info);
         if err.is_connection_error() || conn.client.is_closed() {
             conn.broken = true;

@@ -354,14 +354,7 @@ fn checkout_validates_only_connections_idle_past_the_threshold() {
     // A backend killed while the connection idles: the validation on the
     // next checkout finds it dead, discards it and opens a new one, and the
     // caller never sees the failure.
-    let pid: i32 = cluster
-        .query_one("SELECT pg_backend_pid()", &[])
-        .unwrap()
-        .get(0);
-    let mut admin = local.primary().client().unwrap();
-    admin
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .unwrap();
+    let pid = common::terminate_pooled_backend(&cluster, &local);
     let idle_from = Instant::now();
     wait_for("the idle threshold to pass", Duration::from_secs(5), || {
         idle_from.elapsed() > Duration::from_millis(350)
@@ -385,16 +378,7 @@ fn a_connection_broken_mid_use_is_discarded() {
         .validate_after_idle(Duration::from_secs(3600))
         .build()
         .unwrap();
-    let pid: i32 = cluster
-        .query_one("SELECT pg_backend_pid()", &[])
-        .unwrap()
-        .get(0);
-    local
-        .primary()
-        .client()
-        .unwrap()
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .unwrap();
+    common::terminate_pooled_backend(&cluster, &local);
     // No validation (the threshold is an hour): the statement meets the dead connection.
     let err = cluster.execute("SELECT 1", &[]).unwrap_err();
     assert!(err.is_connection_error(), "{err:?}");

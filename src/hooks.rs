@@ -1,0 +1,499 @@
+//! Hooks: what runs before and after operations, around connections and on
+//! cluster events, with event structs whose fields are behind getters (so
+//! fields can be added), and ready-made hooks for the common cases.
+//!
+//! Every hook is called outside every lock. A hook that panics is contained:
+//! the operation gets an [`ErrorKind::Hook`] error
+//! (for event-only hooks the panic is logged), no lock is poisoned and no
+//! connection leaks.
+
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::Duration;
+
+use postgres::types::ToSql;
+
+use crate::breaker::BreakerState;
+use crate::error::{Error, ErrorKind, NodeInfo, Role};
+
+/// What a hook returns: `Err` vetoes (before-hooks) or reports (after-hooks).
+pub type HookResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// The operation a hook event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OperationKind {
+    /// `Cluster::execute`.
+    Execute,
+    /// `Cluster::query`.
+    Query,
+    /// `Cluster::query_one`.
+    QueryOne,
+    /// `Cluster::query_opt`.
+    QueryOpt,
+    /// `Cluster::batch_execute`.
+    BatchExecute,
+    /// `Cluster::read_query`.
+    ReadQuery,
+    /// `Cluster::read_query_one`.
+    ReadQueryOne,
+    /// `Cluster::read_query_opt`.
+    ReadQueryOpt,
+    /// `Cluster::with_primary` (no SQL is known).
+    WithPrimary,
+    /// `Cluster::with_replica` (no SQL is known).
+    WithReplica,
+}
+
+impl OperationKind {
+    /// The snake-case name, as used in logs and metric labels (`read_query_one`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::Execute => "execute",
+            OperationKind::Query => "query",
+            OperationKind::QueryOne => "query_one",
+            OperationKind::QueryOpt => "query_opt",
+            OperationKind::BatchExecute => "batch_execute",
+            OperationKind::ReadQuery => "read_query",
+            OperationKind::ReadQueryOne => "read_query_one",
+            OperationKind::ReadQueryOpt => "read_query_opt",
+            OperationKind::WithPrimary => "with_primary",
+            OperationKind::WithReplica => "with_replica",
+        }
+    }
+
+    /// Whether the operation was marked as a read (the `read_*` family and `with_replica`).
+    pub fn is_read(self) -> bool {
+        matches!(
+            self,
+            OperationKind::ReadQuery
+                | OperationKind::ReadQueryOne
+                | OperationKind::ReadQueryOpt
+                | OperationKind::WithReplica
+        )
+    }
+}
+
+impl fmt::Display for OperationKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Statement parameters as hooks see them: always the count, the values
+/// only when the builder's `log_parameters(true)` allows (they may hold
+/// personal data).
+#[derive(Clone, Copy)]
+pub(crate) struct ParamView<'a> {
+    params: &'a [&'a (dyn ToSql + Sync)],
+    visible: bool,
+}
+
+impl<'a> ParamView<'a> {
+    pub(crate) fn new(params: &'a [&'a (dyn ToSql + Sync)], visible: bool) -> Self {
+        ParamView { params, visible }
+    }
+
+    fn texts(&self) -> Option<Vec<String>> {
+        self.visible
+            .then(|| self.params.iter().map(|p| format!("{p:?}")).collect())
+    }
+}
+
+/// Seen by `before_operation` hooks; an `Err` from one vetoes the operation.
+///
+/// ```
+/// let builder = pgxkit::Cluster::builder().before_operation(|op| {
+///     if op.sql().contains("DROP TABLE") {
+///         return Err("no DROP TABLE from the application".into());
+///     }
+///     Ok(())
+/// });
+/// ```
+pub struct BeforeOperation<'a> {
+    pub(crate) kind: OperationKind,
+    pub(crate) sql: &'a str,
+    pub(crate) node: &'a NodeInfo,
+    pub(crate) params: ParamView<'a>,
+}
+
+impl BeforeOperation<'_> {
+    /// Which operation.
+    pub fn kind(&self) -> OperationKind {
+        self.kind
+    }
+    /// The SQL (empty for `with_primary` / `with_replica`).
+    pub fn sql(&self) -> &str {
+        self.sql
+    }
+    /// The node it will run on.
+    pub fn node(&self) -> &NodeInfo {
+        self.node
+    }
+    /// The node's role.
+    pub fn role(&self) -> Role {
+        self.node.role()
+    }
+    /// How many parameters the statement has.
+    pub fn param_count(&self) -> usize {
+        self.params.params.len()
+    }
+    /// The parameters as `Debug` text, only when `log_parameters(true)` is set.
+    pub fn params(&self) -> Option<Vec<String>> {
+        self.params.texts()
+    }
+}
+
+impl fmt::Debug for BeforeOperation<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BeforeOperation")
+            .field("kind", &self.kind)
+            .field("sql", &self.sql)
+            .field("node", &self.node)
+            .field("param_count", &self.param_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seen by `after_operation` hooks: what ran, where, how long, and how it ended.
+///
+/// ```
+/// use std::time::Duration;
+/// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+///     if op.duration() > Duration::from_millis(250) {
+///         log::warn!("slow {} on {}: {:?}", op.kind(), op.node(), op.duration());
+///     }
+///     Ok(())
+/// });
+/// ```
+pub struct AfterOperation<'a> {
+    pub(crate) before: BeforeOperation<'a>,
+    pub(crate) duration: Duration,
+    pub(crate) rows: Option<u64>,
+    pub(crate) error: Option<&'a Error>,
+}
+
+impl AfterOperation<'_> {
+    /// Which operation.
+    pub fn kind(&self) -> OperationKind {
+        self.before.kind
+    }
+    /// The SQL (empty for `with_primary` / `with_replica`).
+    pub fn sql(&self) -> &str {
+        self.before.sql
+    }
+    /// The node it ran on.
+    pub fn node(&self) -> &NodeInfo {
+        self.before.node
+    }
+    /// The node's role.
+    pub fn role(&self) -> Role {
+        self.before.node.role()
+    }
+    /// How many parameters the statement had.
+    pub fn param_count(&self) -> usize {
+        self.before.param_count()
+    }
+    /// The parameters as `Debug` text, only when `log_parameters(true)` is set.
+    pub fn params(&self) -> Option<Vec<String>> {
+        self.before.params()
+    }
+    /// From just before checkout to the end of the statement.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+    /// Rows affected (`execute`) or returned (queries), where known.
+    pub fn rows(&self) -> Option<u64> {
+        self.rows
+    }
+    /// The operation's error, if it failed.
+    pub fn error(&self) -> Option<&Error> {
+        self.error
+    }
+    /// Whether it succeeded.
+    pub fn is_ok(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+impl fmt::Debug for AfterOperation<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AfterOperation")
+            .field("kind", &self.kind())
+            .field("sql", &self.sql())
+            .field("node", &self.node())
+            .field("duration", &self.duration)
+            .field("rows", &self.rows)
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a transaction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransactionOutcome {
+    /// Committed.
+    Commit,
+    /// Rolled back (by the caller, on error, on panic, or by dropping the guard).
+    Rollback,
+}
+
+/// Seen by `before_transaction` (no outcome yet) and `after_transaction` hooks.
+pub struct TransactionEvent<'a> {
+    pub(crate) node: &'a NodeInfo,
+    pub(crate) read_only: bool,
+    pub(crate) outcome: Option<TransactionOutcome>,
+    pub(crate) duration: Duration,
+    pub(crate) error: Option<&'a Error>,
+}
+
+impl TransactionEvent<'_> {
+    /// The node the transaction runs on.
+    pub fn node(&self) -> &NodeInfo {
+        self.node
+    }
+    /// Whether it is a read-only transaction.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+    /// Commit or rollback (`None` in `before_transaction`).
+    pub fn outcome(&self) -> Option<TransactionOutcome> {
+        self.outcome
+    }
+    /// From `BEGIN` to the end (zero in `before_transaction`).
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+    /// The error that ended it, if any.
+    pub fn error(&self) -> Option<&Error> {
+        self.error
+    }
+}
+
+impl fmt::Debug for TransactionEvent<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransactionEvent")
+            .field("node", &self.node)
+            .field("read_only", &self.read_only)
+            .field("outcome", &self.outcome)
+            .field("duration", &self.duration)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a connection left its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// Its lifetime was over.
+    Lifetime,
+    /// It sat idle too long.
+    Idle,
+    /// It broke (or failed validation).
+    Broken,
+}
+
+/// Seen by connection hooks (`on_disconnect`, `on_acquire`, `on_release`).
+#[derive(Debug)]
+pub struct ConnectionEvent<'a> {
+    pub(crate) node: &'a NodeInfo,
+    pub(crate) duration: Duration,
+    pub(crate) reason: Option<DisconnectReason>,
+}
+
+impl ConnectionEvent<'_> {
+    /// The connection's node.
+    pub fn node(&self) -> &NodeInfo {
+        self.node
+    }
+    /// `on_acquire`: the wait for the connection; `on_release`: how long it
+    /// was held; `on_disconnect`: its age.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+    /// `on_disconnect`: why it was closed.
+    pub fn reason(&self) -> Option<DisconnectReason> {
+        self.reason
+    }
+}
+
+/// Seen by `on_breaker_state_change` and `on_node_health_change` hooks.
+#[derive(Debug)]
+pub struct NodeEvent<'a> {
+    pub(crate) node: &'a NodeInfo,
+    pub(crate) breaker: Option<(BreakerState, BreakerState)>,
+    pub(crate) up: Option<bool>,
+}
+
+impl NodeEvent<'_> {
+    /// The node.
+    pub fn node(&self) -> &NodeInfo {
+        self.node
+    }
+    /// For a breaker change: the states before and after.
+    pub fn breaker_change(&self) -> Option<(BreakerState, BreakerState)> {
+        self.breaker
+    }
+    /// For a health change: whether the node is up now.
+    pub fn up(&self) -> Option<bool> {
+        self.up
+    }
+}
+
+/// Seen by `on_shutdown` hooks.
+#[derive(Debug)]
+pub struct ShutdownEvent {
+    pub(crate) deadline: Duration,
+    pub(crate) in_flight: usize,
+}
+
+impl ShutdownEvent {
+    /// The deadline given to `shutdown`.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+    /// Operations still running when shutdown began.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+pub(crate) type BeforeOperationHook = Arc<dyn Fn(&BeforeOperation<'_>) -> HookResult + Send + Sync>;
+pub(crate) type AfterOperationHook = Arc<dyn Fn(&AfterOperation<'_>) -> HookResult + Send + Sync>;
+pub(crate) type TransactionHook = Arc<dyn Fn(&TransactionEvent<'_>) -> HookResult + Send + Sync>;
+pub(crate) type ConnectHook =
+    Arc<dyn Fn(&mut postgres::Client, &NodeInfo) -> HookResult + Send + Sync>;
+pub(crate) type ConnectionHook = Arc<dyn Fn(&ConnectionEvent<'_>) + Send + Sync>;
+pub(crate) type NodeHook = Arc<dyn Fn(&NodeEvent<'_>) + Send + Sync>;
+pub(crate) type ShutdownHook = Arc<dyn Fn(&ShutdownEvent) + Send + Sync>;
+
+/// Every hook registered on a builder.
+#[derive(Clone, Default)]
+pub(crate) struct Hooks {
+    pub(crate) before_operation: Vec<BeforeOperationHook>,
+    pub(crate) after_operation: Vec<AfterOperationHook>,
+    pub(crate) before_transaction: Vec<TransactionHook>,
+    pub(crate) after_transaction: Vec<TransactionHook>,
+    pub(crate) on_connect: Vec<ConnectHook>,
+    pub(crate) on_disconnect: Vec<ConnectionHook>,
+    pub(crate) on_acquire: Vec<ConnectionHook>,
+    pub(crate) on_release: Vec<ConnectionHook>,
+    pub(crate) on_shutdown: Vec<ShutdownHook>,
+    pub(crate) on_breaker_state_change: Vec<NodeHook>,
+    pub(crate) on_node_health_change: Vec<NodeHook>,
+    pub(crate) log_parameters: bool,
+}
+
+impl fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hooks")
+            .field("before_operation", &self.before_operation.len())
+            .field("after_operation", &self.after_operation.len())
+            .field("before_transaction", &self.before_transaction.len())
+            .field("after_transaction", &self.after_transaction.len())
+            .field("on_connect", &self.on_connect.len())
+            .field("on_disconnect", &self.on_disconnect.len())
+            .field("on_acquire", &self.on_acquire.len())
+            .field("on_release", &self.on_release.len())
+            .field("on_shutdown", &self.on_shutdown.len())
+            .field(
+                "on_breaker_state_change",
+                &self.on_breaker_state_change.len(),
+            )
+            .field("on_node_health_change", &self.on_node_health_change.len())
+            .field("log_parameters", &self.log_parameters)
+            .finish()
+    }
+}
+
+impl Hooks {
+    /// Whether any operation hook is registered (else operations skip the
+    /// timing and event building altogether).
+    pub(crate) fn wraps_operations(&self) -> bool {
+        !self.before_operation.is_empty() || !self.after_operation.is_empty()
+    }
+}
+
+/// Runs hooks in order (`call` hands each its event); the first error (or
+/// panic) stops and is returned as an `ErrorKind::Hook` error.
+pub(crate) fn run<H>(
+    hooks: &[H],
+    what: &str,
+    mut call: impl FnMut(&H) -> HookResult,
+) -> Result<(), Error> {
+    for hook in hooks {
+        match catch_unwind(AssertUnwindSafe(|| call(hook))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Error::new(ErrorKind::Hook)
+                    .with_detail(format!("{what} hook failed"))
+                    .with_source(e));
+            }
+            Err(panic) => {
+                let why = panic_message(&*panic);
+                log::error!("{what} hook panicked: {why}");
+                return Err(
+                    Error::new(ErrorKind::Hook).with_detail(format!("{what} hook panicked: {why}"))
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs event-only hooks; a panic is logged and the rest still run.
+pub(crate) fn notify<H>(hooks: &[H], what: &str, call: impl Fn(&H)) {
+    for hook in hooks {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| call(hook))) {
+            log::error!("{what} hook panicked: {}", panic_message(&*panic));
+        }
+    }
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(non-string panic payload)".to_owned())
+}
+
+/// A ready-made `after_operation` hook: logs operations slower than
+/// `threshold` at `warn` level (operation, node, duration, SQL; parameters
+/// only with `log_parameters(true)`), and every failed operation at `error`
+/// level. Never logs a password.
+///
+/// ```
+/// use std::time::Duration;
+/// let builder = pgxkit::Cluster::builder()
+///     .after_operation(pgxkit::hooks::slow_query_log(Duration::from_millis(200)));
+/// ```
+pub fn slow_query_log(
+    threshold: Duration,
+) -> impl Fn(&AfterOperation<'_>) -> HookResult + Send + Sync + 'static {
+    move |op| {
+        let params = op
+            .params()
+            .map(|p| format!(" params={p:?}"))
+            .unwrap_or_default();
+        if let Some(err) = op.error() {
+            log::error!(
+                "{} failed on {} after {:?}: {err}; sql={:?}{params}",
+                op.kind(),
+                op.node(),
+                op.duration(),
+                op.sql()
+            );
+        } else if op.duration() > threshold {
+            log::warn!(
+                "slow {} on {}: {:?} (threshold {threshold:?}); sql={:?}{params}",
+                op.kind(),
+                op.node(),
+                op.duration(),
+                op.sql()
+            );
+        }
+        Ok(())
+    }
+}

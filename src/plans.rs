@@ -1,0 +1,324 @@
+//! Slow-query plan capture: a slow statement's plan is fetched by a
+//! background worker with `EXPLAIN (FORMAT JSON)` on the same node.
+//!
+//! Better than the guide's sketch, which runs `EXPLAIN ANALYZE` on the
+//! original statement and so executes a slow INSERT a second time: plain
+//! `EXPLAIN` never executes anything, and `ANALYZE` (opt-in) is used only
+//! for operations marked as reads, inside `BEGIN READ ONLY ... ROLLBACK`, so
+//! the server itself refuses any write that slipped through.
+//!
+//! The caller never waits for this: the job goes into a bounded channel and
+//! is dropped (and counted) when the channel is full.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+use postgres::{GenericClient, Statement};
+
+use crate::cluster::Inner;
+use crate::error::NodeInfo;
+use crate::hooks::{self, OperationKind};
+
+type PlanHandler = Arc<dyn Fn(&CapturedPlan) + Send + Sync>;
+
+/// Settings for slow-query plan capture.
+///
+/// ```
+/// use std::time::Duration;
+/// use pgxkit::PlanCapture;
+///
+/// let builder = pgxkit::Cluster::builder().capture_slow_plans(
+///     PlanCapture::new(Duration::from_millis(500))
+///         .analyze_reads(true)
+///         .on_plan(|plan| log::info!("{} took {:?}: {}", plan.sql(), plan.duration(), plan.json())),
+/// );
+/// ```
+#[derive(Clone)]
+pub struct PlanCapture {
+    pub(crate) threshold: Duration,
+    analyze_reads: bool,
+    queue: usize,
+    handler: Option<PlanHandler>,
+}
+
+impl fmt::Debug for PlanCapture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PlanCapture")
+            .field("threshold", &self.threshold)
+            .field("analyze_reads", &self.analyze_reads)
+            .field("queue", &self.queue)
+            .field("handler", &self.handler.is_some())
+            .finish()
+    }
+}
+
+impl PlanCapture {
+    /// Captures the plan of every statement that takes longer than `threshold`.
+    pub fn new(threshold: Duration) -> Self {
+        PlanCapture {
+            threshold,
+            analyze_reads: false,
+            queue: 16,
+            handler: None,
+        }
+    }
+
+    /// Use `EXPLAIN ANALYZE` (which runs the statement again, read-only and
+    /// rolled back) for operations marked as reads. Defaults to `false`.
+    pub fn analyze_reads(mut self, yes: bool) -> Self {
+        self.analyze_reads = yes;
+        self
+    }
+
+    /// How many plan jobs may wait; more are dropped. Defaults to 16.
+    pub fn queue(mut self, jobs: usize) -> Self {
+        self.queue = jobs.max(1);
+        self
+    }
+
+    /// Hands each plan to `handler` (on the worker thread) instead of
+    /// logging it at `info` level.
+    pub fn on_plan(mut self, handler: impl Fn(&CapturedPlan) + Send + Sync + 'static) -> Self {
+        self.handler = Some(Arc::new(handler));
+        self
+    }
+}
+
+/// A slow statement's plan.
+#[derive(Debug, Clone)]
+pub struct CapturedPlan {
+    node: NodeInfo,
+    kind: OperationKind,
+    sql: String,
+    duration: Duration,
+    analyzed: bool,
+    json: String,
+}
+
+impl CapturedPlan {
+    /// The node the statement ran on (and was explained on).
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+    /// The operation.
+    pub fn kind(&self) -> OperationKind {
+        self.kind
+    }
+    /// The statement.
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+    /// How long the statement took.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+    /// Whether the plan comes from `EXPLAIN ANALYZE`.
+    pub fn analyzed(&self) -> bool {
+        self.analyzed
+    }
+    /// The plan, as `EXPLAIN (FORMAT JSON)` returns it.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+}
+
+/// A statement parameter already encoded in the binary format of its type.
+#[derive(Debug)]
+struct Encoded(Option<Vec<u8>>);
+
+impl ToSql for Encoded {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        match &self.0 {
+            Some(bytes) => {
+                out.extend_from_slice(bytes);
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+/// A `json` value as its text (the binary form of `json` is the text).
+struct JsonText(String);
+
+impl<'a> FromSql<'a> for JsonText {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {
+        Ok(JsonText(std::str::from_utf8(raw)?.to_owned()))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSON
+    }
+}
+
+fn fetch_plan(
+    client: &mut impl GenericClient,
+    explain_sql: &str,
+    types: &[Type],
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<String, postgres::Error> {
+    let statement = client.prepare_typed(explain_sql, types)?;
+    let row = client.query_one(&statement, params)?;
+    Ok(row.try_get::<_, JsonText>(0)?.0)
+}
+
+pub(crate) struct Job {
+    node: String,
+    kind: OperationKind,
+    sql: String,
+    types: Vec<Type>,
+    params: Vec<Encoded>,
+    duration: Duration,
+}
+
+/// The caller's side: decides what is slow and queues jobs.
+pub(crate) struct Capture {
+    pub(crate) threshold: Duration,
+    analyze_reads: bool,
+    handler: Option<PlanHandler>,
+    jobs: Sender<Job>,
+    pub(crate) dropped: AtomicU64,
+}
+
+impl fmt::Debug for Capture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Capture")
+            .field("threshold", &self.threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Capture {
+    pub(crate) fn new(settings: &PlanCapture) -> (Capture, Receiver<Job>) {
+        let (jobs, rx) = crossbeam_channel::bounded(settings.queue);
+        let capture = Capture {
+            threshold: settings.threshold,
+            analyze_reads: settings.analyze_reads,
+            handler: settings.handler.clone(),
+            jobs,
+            dropped: AtomicU64::new(0),
+        };
+        (capture, rx)
+    }
+
+    /// Queues a plan job for a slow statement; never blocks.
+    pub(crate) fn offer(
+        &self,
+        node: &NodeInfo,
+        kind: OperationKind,
+        statement: &Statement,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        duration: Duration,
+    ) {
+        let types = statement.params().to_vec();
+        let mut encoded = Vec::with_capacity(params.len());
+        for (param, ty) in params.iter().zip(&types) {
+            let mut buf = BytesMut::new();
+            match param.to_sql_checked(ty, &mut buf) {
+                Ok(IsNull::No) => encoded.push(Encoded(Some(buf.to_vec()))),
+                Ok(IsNull::Yes) => encoded.push(Encoded(None)),
+                Err(_) => return, // the statement itself would have failed
+            }
+        }
+        let job = Job {
+            node: node.name().to_owned(),
+            kind,
+            sql: sql.to_owned(),
+            types,
+            params: encoded,
+            duration,
+        };
+        if let Err(TrySendError::Full(_)) = self.jobs.try_send(job) {
+            self.dropped.fetch_add(1, Relaxed);
+            log::debug!("plan capture queue full; a slow statement's plan was not captured");
+        }
+    }
+}
+
+pub(crate) fn spawn(cluster: Weak<Inner>, jobs: Receiver<Job>) -> std::io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name("pgxkit-plans".to_owned())
+        .spawn(move || {
+            // Ends when the cluster (holding the sender) is gone.
+            while let Ok(job) = jobs.recv() {
+                let Some(inner) = cluster.upgrade() else {
+                    return;
+                };
+                explain(&inner, job);
+            }
+        })
+}
+
+fn explain(inner: &Inner, job: Job) {
+    let Some(capture) = inner.plans() else {
+        return;
+    };
+    let Some(node) = inner.nodes().find(|n| n.info.name() == job.node) else {
+        return;
+    };
+    let analyze = capture.analyze_reads && job.kind.is_read();
+    let explain_sql = if analyze {
+        format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}", job.sql)
+    } else {
+        format!("EXPLAIN (FORMAT JSON) {}", job.sql)
+    };
+    let params: Vec<&(dyn ToSql + Sync)> = job
+        .params
+        .iter()
+        .map(|p| p as &(dyn ToSql + Sync))
+        .collect();
+    let result = node.run(|client| {
+        if analyze {
+            let mut tx = client.build_transaction().read_only(true).start()?;
+            let plan = fetch_plan(&mut tx, &explain_sql, &job.types, &params);
+            tx.rollback()?;
+            plan
+        } else {
+            fetch_plan(client, &explain_sql, &job.types, &params)
+        }
+    });
+    match result {
+        Ok(json) => {
+            let plan = CapturedPlan {
+                node: node.info.clone(),
+                kind: job.kind,
+                sql: job.sql,
+                duration: job.duration,
+                analyzed: analyze,
+                json,
+            };
+            match &capture.handler {
+                Some(handler) => {
+                    hooks::notify(std::slice::from_ref(handler), "on_plan", |h| h(&plan))
+                }
+                None => log::info!(
+                    "plan of a slow {} on {} ({:?}): {}; sql={:?}",
+                    plan.kind,
+                    plan.node,
+                    plan.duration,
+                    plan.json,
+                    plan.sql
+                ),
+            }
+        }
+        Err(e) => log::debug!("could not capture the plan of a slow statement: {e}"),
+    }
+}
