@@ -157,7 +157,12 @@ fn a_lagging_replica_gets_no_reads_until_it_catches_up() {
         "{stale_health:?}"
     );
     assert_eq!(health.status, HealthStatus::Degraded);
-    assert_eq!(health.node("replica1").unwrap().lag_bytes, Some(0));
+    // The fresh replica finishes replaying the 8 MB (the next probe sees it).
+    wait_for(
+        "the fresh replica fully caught up",
+        Duration::from_secs(10),
+        || cluster.health().node("replica1").unwrap().lag_bytes == Some(0),
+    );
 
     stale.resume_replay().unwrap();
     local
