@@ -13,7 +13,8 @@
 //! starts a throw-away primary with one replica. It listens on
 //! `PGXKIT_HTTP_ADDR` (default `127.0.0.1:8080`; port 0 picks a free one),
 //! prints `listening on http://ADDR`, and stops gracefully on SIGTERM or
-//! ctrl-c: it stops accepting requests, closes the pools and exits 0.
+//! ctrl-c: it stops accepting requests, shuts the cluster down (running
+//! operations may finish within 10 s, then the pools close) and exits 0.
 
 use std::time::Duration;
 
@@ -88,6 +89,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("shutting down");
     drop(server);
-    drop(cluster); // closes the pools and stops the health monitor
+    let report = cluster.shutdown(Duration::from_secs(10));
+    println!(
+        "drained: {}, still running: {}",
+        report.drained, report.still_running
+    );
     Ok(())
 }

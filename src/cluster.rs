@@ -1,5 +1,6 @@
 //! `Cluster`: the public operations, routing writes to the primary and reads
-//! round-robin over the replicas that are up.
+//! round-robin over the eligible replicas, each operation counted in flight
+//! (for graceful shutdown), wrapped in the hooks and bounded by its deadline.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -12,31 +13,39 @@ use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use crate::balancer::RoundRobin;
 use crate::config::{ClusterBuilder, ClusterConfig, ReadFallback};
+use crate::deadline::Watchdog;
 use crate::error::{Error, ErrorKind, Result, Role};
 use crate::health::{self, HealthReport, NodeHealth};
-use crate::hooks::{self, AfterOperation, BeforeOperation, Hooks, OperationKind, ParamView};
+use crate::hooks::{self, Hooks, OperationKind, ShutdownEvent};
 use crate::monitor;
 use crate::node::{Node, NodeOptions};
 use crate::plans::{self, Capture};
+use crate::shutdown::{InFlight, Lifecycle, ShutdownReport};
 use crate::stats::ClusterStats;
 use crate::sync::lock;
 
 /// Threads r2d2 uses to open connections in the background, shared by every
 /// pool of a cluster.
 const POOL_THREADS: usize = 3;
+/// Bound on `health_check()`: checkout plus one round trip.
+const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on `is_ready()`.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A primary and its read replicas behind one thread-safe handle.
 ///
 /// `Cluster` is `Clone + Send + Sync`: clones share the same pools, so clone
 /// it into every thread. Writes and every operation not marked as a read
 /// (`execute`, `query`, `query_one`, `query_opt`, `batch_execute`,
-/// `with_primary`) go to the primary; the `read_*` family and `with_replica`
-/// go to the replicas, round-robin over those that are up, and to the
-/// primary when there are none.
+/// `with_primary`, transactions) go to the primary; the `read_*` family,
+/// `with_replica` and `read_transaction` go to the replicas, round-robin over
+/// the eligible ones, and to the primary when there are none.
 ///
 /// Every method blocks the calling thread: first to check out a connection
 /// (bounded by [`checkout_timeout`](ClusterBuilder::checkout_timeout)), then
-/// for the statement itself.
+/// for the statement itself (bounded by a deadline only when one is set:
+/// [`with_timeout`](Self::with_timeout) or
+/// [`statement_timeout`](ClusterBuilder::statement_timeout)).
 ///
 /// ```no_run
 /// use pgxkit::Cluster;
@@ -52,13 +61,10 @@ const POOL_THREADS: usize = 3;
 /// ```
 #[derive(Clone)]
 pub struct Cluster {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
+    /// The per-call deadline of this handle (`with_timeout`).
+    timeout: Option<Duration>,
 }
-
-/// Bound on `health_check()`: checkout plus one round trip.
-const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound on `is_ready()`.
-const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) struct Inner {
     primary: Node,
@@ -67,13 +73,14 @@ pub(crate) struct Inner {
     max_replica_lag: Option<Duration>,
     max_replica_lag_bytes: Option<u64>,
     read_fallback: ReadFallback,
-    hooks: Arc<Hooks>,
+    pub(crate) hooks: Arc<Hooks>,
     plans: Option<Capture>,
-    // Dropping the sender stops the health monitor.
-    _stop_monitor: Sender<()>,
-    _monitor: Mutex<Option<JoinHandle<()>>>,
-    _plan_worker: Mutex<Option<JoinHandle<()>>>,
-    _threads: Arc<ScheduledThreadPool>,
+    pub(crate) lifecycle: Lifecycle,
+    watchdog: Arc<Watchdog>,
+    /// Dropping the sender stops the background threads.
+    stop: Mutex<Option<Sender<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    _pool_threads: Arc<ScheduledThreadPool>,
 }
 
 impl Inner {
@@ -89,22 +96,16 @@ impl Inner {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let replicas: Vec<_> = self.inner.replicas.iter().map(|r| &r.info).collect();
         f.debug_struct("Cluster")
             .field("primary", &self.inner.primary.info)
-            .field(
-                "replicas",
-                &self
-                    .inner
-                    .replicas
-                    .iter()
-                    .map(|r| &r.info)
-                    .collect::<Vec<_>>(),
-            )
+            .field("replicas", &replicas)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
 
-type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 impl Cluster {
     /// A builder for a cluster with a primary and any number of replicas.
@@ -148,13 +149,14 @@ impl Cluster {
     }
 
     pub(crate) fn start(config: ClusterConfig) -> Result<Cluster> {
-        let threads = Arc::new(
+        let pool_threads = Arc::new(
             ScheduledThreadPool::builder()
                 .num_threads(POOL_THREADS)
                 .thread_name_pattern("pgxkit-pool-{}")
                 .on_drop_behavior(OnPoolDropBehavior::DiscardPendingScheduled)
                 .build(),
         );
+        let watchdog = Arc::new(Watchdog::default());
         let options = NodeOptions {
             checkout_timeout: config.checkout_timeout,
             validate_after_idle: config.validate_after_idle,
@@ -162,12 +164,13 @@ impl Cluster {
             hooks: Arc::clone(&config.hooks),
             leak_threshold: config.leak_threshold,
             leak_backtrace: config.leak_backtrace,
+            watchdog: Arc::clone(&watchdog),
         };
-        let primary = Node::open(config.primary, &options, &threads);
+        let primary = Node::open(config.primary, &options, &pool_threads);
         let replicas: Vec<Node> = config
             .replicas
             .into_iter()
-            .map(|r| Node::open(r, &options, &threads))
+            .map(|r| Node::open(r, &options, &pool_threads))
             .collect();
 
         // One connection to each node, all at once, each bounded by its
@@ -194,7 +197,7 @@ impl Cluster {
             }
             None => (None, None),
         };
-        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let inner = Arc::new(Inner {
             primary,
             replicas,
@@ -204,39 +207,78 @@ impl Cluster {
             read_fallback: config.read_fallback,
             hooks: config.hooks,
             plans,
-            _plan_worker: Mutex::new(None),
-            _stop_monitor: stop_tx,
-            _monitor: Mutex::new(None),
-            _threads: threads,
+            lifecycle: Lifecycle::default(),
+            watchdog,
+            stop: Mutex::new(Some(stop_tx)),
+            threads: Mutex::new(Vec::new()),
+            _pool_threads: pool_threads,
         });
+        let thread_error = |what: &str, e: std::io::Error| {
+            Error::new(ErrorKind::Config)
+                .with_detail(format!("cannot start the {what} thread"))
+                .with_source(e)
+        };
         let monitor = monitor::spawn(
             Arc::downgrade(&inner),
             config.health_check_period,
             config.leak_threshold,
-            stop_rx,
+            stop_rx.clone(),
         )
-        .map_err(|e| {
-            Error::new(ErrorKind::Config)
-                .with_detail("cannot start the health monitor thread")
-                .with_source(e)
-        })?;
-        *lock(&inner._monitor) = Some(monitor);
+        .map_err(|e| thread_error("health monitor", e))?;
+        lock(&inner.threads).push(monitor);
+        if let Some(jobs) = plan_jobs {
+            let worker = plans::spawn(Arc::downgrade(&inner), jobs, stop_rx)
+                .map_err(|e| thread_error("plan capture", e))?;
+            lock(&inner.threads).push(worker);
+        }
         #[cfg(feature = "prometheus")]
         if let Some(registry) = &config.prometheus {
             crate::metrics::ClusterCollector::register(registry, Arc::downgrade(&inner))?;
         }
-        if let Some(jobs) = plan_jobs {
-            let worker = plans::spawn(Arc::downgrade(&inner), jobs).map_err(|e| {
-                Error::new(ErrorKind::Config)
-                    .with_detail("cannot start the plan capture thread")
-                    .with_source(e)
-            })?;
-            *lock(&inner._plan_worker) = Some(worker);
-        }
-        Ok(Cluster { inner })
+        Ok(Cluster {
+            inner,
+            timeout: None,
+        })
     }
 
-    fn primary(&self) -> &Node {
+    /// A handle to the same cluster whose every call (and every statement of
+    /// its transactions) is bounded by `timeout`: checkout included. When it
+    /// passes, the running statement is cancelled on the server (a cancel
+    /// request sent by a watchdog thread, with the node's TLS settings) and
+    /// the call returns [`ErrorKind::Timeout`] shortly after the deadline;
+    /// the connection, whose state is then uncertain, is discarded.
+    ///
+    /// A statement against a black-holed network cannot be cancelled (the
+    /// cancel request cannot reach the server either); bound that case with
+    /// [`tcp_user_timeout`](ClusterBuilder::tcp_user_timeout) and keepalives.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let fast = cluster.with_timeout(Duration::from_millis(200));
+    /// match fast.query("SELECT * FROM big_report", &[]) {
+    ///     Err(e) if e.kind() == pgxkit::ErrorKind::Timeout => eprintln!("report too slow"),
+    ///     other => { other?; }
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn with_timeout(&self, timeout: Duration) -> Cluster {
+        Cluster {
+            inner: Arc::clone(&self.inner),
+            timeout: Some(timeout),
+        }
+    }
+
+    /// The deadline of a call starting now.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.timeout.map(|t| Instant::now() + t)
+    }
+
+    pub(crate) fn enter(&self) -> Result<InFlight<'_>> {
+        self.inner.lifecycle.enter()
+    }
+
+    pub(crate) fn primary(&self) -> &Node {
         &self.inner.primary
     }
 
@@ -248,16 +290,14 @@ impl Cluster {
         }
         let (bytes, time) = node.lag();
         let over = |value: Option<u64>, limit: Option<u64>| matches!((value, limit), (Some(v), Some(l)) if v > l);
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         !over(bytes, self.inner.max_replica_lag_bytes)
-            && !over(
-                time.map(|t| t.as_micros() as u64),
-                self.inner.max_replica_lag.map(|t| t.as_micros() as u64),
-            )
+            && !over(time.map(micros), self.inner.max_replica_lag.map(micros))
     }
 
     /// The node for the next read: the next eligible replica other than
     /// `not`, else the fallback (the primary, or an error).
-    fn reader(&self, not: Option<&Node>) -> Result<&Node> {
+    pub(crate) fn reader(&self, not: Option<&Node>) -> Result<&Node> {
         let replicas = &self.inner.replicas;
         if replicas.is_empty() {
             return Ok(&self.inner.primary);
@@ -276,77 +316,59 @@ impl Cluster {
         }
     }
 
-    /// Runs a read on the next eligible node; if that fails at the
-    /// connection level (the whole result is lost, no row was returned), runs
-    /// it once more on another eligible node.
+    /// An operation on the primary: counted in flight, between the hooks,
+    /// bounded by this handle's deadline.
+    fn on_primary<T>(
+        &self,
+        kind: OperationKind,
+        sql: &str,
+        params: Params<'_>,
+        rows: impl Fn(&T) -> Option<u64>,
+        op: impl FnOnce(&Node, Option<Instant>) -> Result<T>,
+    ) -> Result<T> {
+        let _in_flight = self.enter()?;
+        let deadline = self.deadline();
+        let node = self.primary();
+        hooks::around(
+            &self.inner.hooks,
+            kind,
+            &node.info,
+            sql,
+            params,
+            rows,
+            || op(node, deadline),
+        )
+    }
+
+    /// A read on the next eligible node; if that fails at the connection
+    /// level (the whole result is lost, no row was returned), it runs once
+    /// more on another eligible node, within the same deadline.
     fn read<T>(
         &self,
         kind: OperationKind,
         sql: &str,
         params: Params<'_>,
         rows: impl Fn(&T) -> Option<u64>,
-        op: impl Fn(&Node) -> Result<T>,
+        op: impl Fn(&Node, Option<Instant>) -> Result<T>,
     ) -> Result<T> {
+        let _in_flight = self.enter()?;
+        let deadline = self.deadline();
+        let hooks = &*self.inner.hooks;
         let first = self.reader(None)?;
-        match self.hooked(kind, first, sql, params, &rows, &op) {
+        match hooks::around(hooks, kind, &first.info, sql, params, &rows, || {
+            op(first, deadline)
+        }) {
             Err(e) if e.is_connection_error() => {
                 let second = match self.reader(Some(first)) {
                     Ok(n) if !std::ptr::eq(n, first) => n,
                     _ => return Err(e),
                 };
                 log::warn!("read failed on {}, trying {}: {e}", first.info, second.info);
-                self.hooked(kind, second, sql, params, &rows, &op)
+                hooks::around(hooks, kind, &second.info, sql, params, &rows, || {
+                    op(second, deadline)
+                })
             }
             other => other,
-        }
-    }
-
-    /// Runs `op` on `node` between the operation hooks. With none
-    /// registered it is a plain call: no clock read, no event built.
-    fn hooked<T>(
-        &self,
-        kind: OperationKind,
-        node: &Node,
-        sql: &str,
-        params: Params<'_>,
-        rows: impl Fn(&T) -> Option<u64>,
-        op: impl FnOnce(&Node) -> Result<T>,
-    ) -> Result<T> {
-        let hooks = &*self.inner.hooks;
-        if !hooks.wraps_operations() {
-            return op(node);
-        }
-        let before = BeforeOperation {
-            kind,
-            sql,
-            node: &node.info,
-            params: ParamView::new(params, hooks.log_parameters),
-        };
-        hooks::run(&hooks.before_operation, "before_operation", |hook| {
-            hook(&before)
-        })
-        .map_err(|e| e.with_node(&node.info))?;
-        let started = Instant::now();
-        let result = op(node);
-        if hooks.after_operation.is_empty() {
-            return result;
-        }
-        let after = AfterOperation {
-            before,
-            duration: started.elapsed(),
-            rows: result.as_ref().ok().and_then(&rows),
-            error: result.as_ref().err(),
-        };
-        let verdict = hooks::run(&hooks.after_operation, "after_operation", |hook| {
-            hook(&after)
-        });
-        match verdict {
-            Err(e) if result.is_ok() => Err(e.with_node(&node.info)),
-            Err(e) => {
-                log::warn!("{e} (after a failed operation, whose error is returned)");
-                result
-            }
-            Ok(()) => result,
         }
     }
 
@@ -357,11 +379,12 @@ impl Cluster {
         &self,
         kind: OperationKind,
         node: &Node,
+        deadline: Option<Instant>,
         sql: &str,
         params: Params<'_>,
         run: impl FnOnce(&mut postgres::Client, &Statement) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
-        node.run(|client| {
+        node.run(deadline, |client| {
             let statement = client.prepare(sql)?;
             let Some(capture) = self.inner.plans() else {
                 return run(client, &statement);
@@ -385,14 +408,14 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        self.hooked(
-            OperationKind::Execute,
-            self.primary(),
+        let kind = OperationKind::Execute;
+        self.on_primary(
+            kind,
             sql,
             params,
             |n| Some(*n),
-            |node| {
-                self.statement(OperationKind::Execute, node, sql, params, |c, s| {
+            |node, deadline| {
+                self.statement(kind, node, deadline, sql, params, |c, s| {
                     c.execute(s, params)
                 })
             },
@@ -409,18 +432,10 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        self.hooked(
-            OperationKind::Query,
-            self.primary(),
-            sql,
-            params,
-            row_count,
-            |node| {
-                self.statement(OperationKind::Query, node, sql, params, |c, s| {
-                    c.query(s, params)
-                })
-            },
-        )
+        let kind = OperationKind::Query;
+        self.on_primary(kind, sql, params, row_count, |node, deadline| {
+            self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
+        })
     }
 
     /// Runs a query on the primary that must return exactly one row:
@@ -432,17 +447,15 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        self.hooked(
-            OperationKind::QueryOne,
-            self.primary(),
+        let kind = OperationKind::QueryOne;
+        self.on_primary(
+            kind,
             sql,
             params,
             |_| Some(1),
-            |node| {
-                self.statement(OperationKind::QueryOne, node, sql, params, |c, s| {
-                    c.query(s, params)
-                })
-                .and_then(|rows| exactly_one(rows, node))
+            |node, deadline| {
+                self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
+                    .and_then(|rows| exactly_one(rows, node))
             },
         )
     }
@@ -457,19 +470,11 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        self.hooked(
-            OperationKind::QueryOpt,
-            self.primary(),
-            sql,
-            params,
-            opt_count,
-            |node| {
-                self.statement(OperationKind::QueryOpt, node, sql, params, |c, s| {
-                    c.query(s, params)
-                })
+        let kind = OperationKind::QueryOpt;
+        self.on_primary(kind, sql, params, opt_count, |node, deadline| {
+            self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
                 .and_then(|rows| at_most_one(rows, node))
-            },
-        )
+        })
     }
 
     /// Runs one or more statements separated by semicolons on the primary,
@@ -481,13 +486,12 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn batch_execute(&self, sql: &str) -> Result<()> {
-        self.hooked(
+        self.on_primary(
             OperationKind::BatchExecute,
-            self.primary(),
             sql,
             &[],
             |_| None,
-            |node| node.run(|c| c.batch_execute(sql)),
+            |node, deadline| node.run(deadline, |c| c.batch_execute(sql)),
         )
     }
 
@@ -501,8 +505,8 @@ impl Cluster {
     /// ```
     pub fn read_query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
         let kind = OperationKind::ReadQuery;
-        self.read(kind, sql, params, row_count, |node| {
-            self.statement(kind, node, sql, params, |c, s| c.query(s, params))
+        self.read(kind, sql, params, row_count, |node, deadline| {
+            self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
         })
     }
 
@@ -520,8 +524,8 @@ impl Cluster {
             sql,
             params,
             |_| Some(1),
-            |node| {
-                self.statement(kind, node, sql, params, |c, s| c.query(s, params))
+            |node, deadline| {
+                self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
                     .and_then(|rows| exactly_one(rows, node))
             },
         )
@@ -536,8 +540,8 @@ impl Cluster {
     /// ```
     pub fn read_query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
         let kind = OperationKind::ReadQueryOpt;
-        self.read(kind, sql, params, opt_count, |node| {
-            self.statement(kind, node, sql, params, |c, s| c.query(s, params))
+        self.read(kind, sql, params, opt_count, |node, deadline| {
+            self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
                 .and_then(|rows| at_most_one(rows, node))
         })
     }
@@ -561,13 +565,12 @@ impl Cluster {
         &self,
         f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
-        self.hooked(
+        self.on_primary(
             OperationKind::WithPrimary,
-            self.primary(),
             "",
             &[],
             |_| None,
-            |node| node.run(f),
+            |node, deadline| node.run(deadline, f),
         )
     }
 
@@ -584,14 +587,17 @@ impl Cluster {
         &self,
         f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
+        let _in_flight = self.enter()?;
+        let deadline = self.deadline();
         let node = self.reader(None)?;
-        self.hooked(
+        hooks::around(
+            &self.inner.hooks,
             OperationKind::WithReplica,
-            node,
+            &node.info,
             "",
             &[],
             |_| None,
-            |node| node.run(f),
+            || node.run(deadline, f),
         )
     }
 
@@ -639,6 +645,7 @@ impl Cluster {
     }
 
     fn ping_primary(&self, timeout: Duration) -> Result<()> {
+        let _in_flight = self.enter()?;
         let node = self.primary();
         let started = Instant::now();
         let permit = node.admit()?;
@@ -689,9 +696,78 @@ impl Cluster {
             .collect();
         HealthReport::new(nodes)
     }
+
+    /// Shuts the cluster down gracefully, waiting at most `deadline`.
+    ///
+    /// From the moment of the call, new operations (on every clone) fail at
+    /// once with [`ErrorKind::ShuttingDown`]. Operations and transactions
+    /// already running may finish until the deadline; the `on_shutdown`
+    /// hooks run; the background threads (health monitor, plan capture,
+    /// deadline watchdog) are stopped and joined; the pools close their idle
+    /// connections, and connections still in use are closed when they come
+    /// back. Blocks until everything drained or `deadline` passed, whichever
+    /// is first: there is no fixed sleep. Calling it again waits again and
+    /// reports again.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let report = cluster.shutdown(Duration::from_secs(30));
+    /// assert!(report.drained || report.still_running > 0);
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        let started = Instant::now();
+        let until = started + deadline;
+        let inner = &*self.inner;
+        let in_flight_at_start = inner.lifecycle.begin_shutdown();
+        log::info!(
+            "shutting down: {in_flight_at_start} operations in flight, deadline {deadline:?}"
+        );
+        let event = ShutdownEvent {
+            deadline,
+            in_flight: in_flight_at_start,
+        };
+        hooks::notify(&inner.hooks.on_shutdown, "on_shutdown", |hook| hook(&event));
+        let still_running = inner.lifecycle.wait_drained(until);
+
+        // Stop the background threads: the channel disconnects for all of them.
+        drop(lock(&inner.stop).take());
+        let mut threads: Vec<JoinHandle<()>> = std::mem::take(&mut *lock(&inner.threads));
+        threads.extend(inner.watchdog.take_thread());
+        for thread in threads {
+            join_until(thread, until);
+        }
+        for node in inner.nodes() {
+            node.close();
+        }
+        let report = ShutdownReport {
+            drained: still_running == 0,
+            in_flight_at_start,
+            still_running,
+            elapsed: started.elapsed(),
+        };
+        log::info!("shut down: {report:?}");
+        report
+    }
 }
 
-// `&Vec` because `hooked` hands the operation's own result type by reference.
+/// Joins `thread` if it ends before `until`; otherwise leaves it to end on
+/// its own (each stops at its next wake-up).
+fn join_until(thread: JoinHandle<()>, until: Instant) {
+    while !thread.is_finished() {
+        if Instant::now() >= until {
+            log::debug!(
+                "a background thread is still busy at the shutdown deadline; not waiting for it"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = thread.join();
+}
+
+// `&Vec` because the row counter takes the operation's own result type by reference.
 #[allow(clippy::ptr_arg)]
 fn row_count(rows: &Vec<Row>) -> Option<u64> {
     Some(rows.len() as u64)
@@ -701,11 +777,11 @@ fn opt_count(row: &Option<Row>) -> Option<u64> {
     Some(u64::from(row.is_some()))
 }
 
-fn exactly_one(rows: Vec<Row>, node: &Node) -> Result<Row> {
+pub(crate) fn exactly_one(rows: Vec<Row>, node: &Node) -> Result<Row> {
     at_most_one(rows, node)?.ok_or_else(|| Error::new(ErrorKind::NotFound).with_node(&node.info))
 }
 
-fn at_most_one(mut rows: Vec<Row>, node: &Node) -> Result<Option<Row>> {
+pub(crate) fn at_most_one(mut rows: Vec<Row>, node: &Node) -> Result<Option<Row>> {
     if rows.len() > 1 {
         return Err(Error::new(ErrorKind::TooManyRows)
             .with_node(&node.info)

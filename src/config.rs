@@ -63,6 +63,9 @@ pub struct ClusterBuilder {
     plan_capture: Option<PlanCapture>,
     #[cfg(feature = "prometheus")]
     prometheus: Option<prometheus::Registry>,
+    statement_timeout: Option<Duration>,
+    tcp_user_timeout: Option<Duration>,
+    keepalives_idle: Option<Duration>,
 }
 
 /// What reads do when no replica is eligible (all down, open breakers, or
@@ -124,6 +127,9 @@ impl Default for ClusterBuilder {
             plan_capture: None,
             #[cfg(feature = "prometheus")]
             prometheus: None,
+            statement_timeout: None,
+            tcp_user_timeout: None,
+            keepalives_idle: None,
         }
     }
 }
@@ -154,6 +160,9 @@ impl fmt::Debug for ClusterBuilder {
             .field("leak_threshold", &self.leak_threshold)
             .field("leak_backtrace", &self.leak_backtrace)
             .field("plan_capture", &self.plan_capture)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("tcp_user_timeout", &self.tcp_user_timeout)
+            .field("keepalives_idle", &self.keepalives_idle)
             .finish()
     }
 }
@@ -479,6 +488,33 @@ impl ClusterBuilder {
         self
     }
 
+    /// A default bound on every statement, enforced by the server
+    /// (`SET statement_timeout` on each new connection): a statement running
+    /// longer is cancelled and fails with
+    /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout). A per-call deadline
+    /// ([`Cluster::with_timeout`](crate::Cluster::with_timeout)) can be shorter. Defaults to none.
+    pub fn statement_timeout(mut self, d: Duration) -> Self {
+        self.statement_timeout = Some(d);
+        self
+    }
+
+    /// Linux `TCP_USER_TIMEOUT` for every connection: how long sent data may
+    /// stay unacknowledged before the connection is dropped, so a dead peer
+    /// or a black-holed network is noticed. Defaults to the DSN's
+    /// `tcp_user_timeout`, else the OS default.
+    pub fn tcp_user_timeout(mut self, d: Duration) -> Self {
+        self.tcp_user_timeout = Some(d);
+        self
+    }
+
+    /// TCP keepalives on every connection, first probe after `idle`, so an
+    /// idle connection to a dead peer is noticed. Defaults to the DSN's
+    /// `keepalives_idle`, else the driver's default (keepalives on, 2 hours).
+    pub fn keepalives_idle(mut self, idle: Duration) -> Self {
+        self.keepalives_idle = Some(idle);
+        self
+    }
+
     /// Captures the plan of statements slower than the capture's threshold,
     /// on a background worker (see [`PlanCapture`]). Defaults to off.
     pub fn capture_slow_plans(mut self, capture: PlanCapture) -> Self {
@@ -611,6 +647,15 @@ impl ClusterBuilder {
             }
             (None, Some(_)) => {}
         }
+        if let Some(d) = self.tcp_user_timeout {
+            parsed.pg.tcp_user_timeout(d);
+        }
+        if let Some(d) = self.keepalives_idle {
+            parsed.pg.keepalives(true).keepalives_idle(d);
+        }
+        let init_sql = self
+            .statement_timeout
+            .map(|d| format!("SET statement_timeout = {}", d.as_millis().max(1)));
         let tls = tls::connector(&parsed.tls, &mut parsed.pg)?;
         Ok(NodeConfig {
             info: NodeInfo::new(name, role, parsed.address()),
@@ -618,6 +663,7 @@ impl ClusterBuilder {
             pg: parsed.pg,
             tls,
             pool,
+            init_sql,
         })
     }
 }
@@ -663,6 +709,7 @@ pub(crate) struct NodeConfig {
     pub(crate) tls: MakeTlsConnector,
     pub(crate) pool: PoolConfig,
     pub(crate) health_check_period: Option<Duration>,
+    pub(crate) init_sql: Option<String>,
 }
 
 /// The whole cluster's settings, resolved and validated.

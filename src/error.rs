@@ -46,6 +46,9 @@ pub enum ErrorKind {
     Timeout,
     /// A hook vetoed the operation, returned an error or panicked.
     Hook,
+    /// The connection failed while `COMMIT` was in flight: the transaction
+    /// may or may not have committed. Never retried automatically.
+    AmbiguousCommit,
 }
 
 impl ErrorKind {
@@ -63,6 +66,9 @@ impl ErrorKind {
             ErrorKind::ShuttingDown => "the cluster is shutting down",
             ErrorKind::Timeout => "deadline exceeded",
             ErrorKind::Hook => "hook failed",
+            ErrorKind::AmbiguousCommit => {
+                "connection lost during COMMIT: the transaction may or may not have committed"
+            }
         }
     }
 }
@@ -162,6 +168,8 @@ pub struct Error(Box<Inner>);
 
 struct Inner {
     kind: ErrorKind,
+    /// Known not to have reached the server (checked before sending).
+    unsent: bool,
     node: Option<NodeInfo>,
     detail: Option<String>,
     source: Option<Box<dyn StdError + Send + Sync>>,
@@ -171,6 +179,7 @@ impl Error {
     pub(crate) fn new(kind: ErrorKind) -> Self {
         Error(Box::new(Inner {
             kind,
+            unsent: false,
             node: None,
             detail: None,
             source: None,
@@ -192,6 +201,13 @@ impl Error {
             Some(detail) => format!("{what}: {detail}"),
             None => what.to_owned(),
         });
+        self
+    }
+
+    /// Marks an error that is known to have happened before anything was
+    /// sent to the server.
+    pub(crate) fn unsent(mut self) -> Self {
+        self.0.unsent = true;
         self
     }
 
@@ -253,15 +269,28 @@ impl Error {
         }
     }
 
-    /// Whether running the same operation again may succeed: connection
-    /// errors (but not authentication failures), serialization failures
-    /// (40001) and deadlocks (40P01). Constraint violations, syntax errors,
-    /// `NotFound` and configuration errors are not retryable.
+    /// Whether running the same operation again is safe and may succeed:
+    /// could not connect (but not an authentication failure), checkout
+    /// timeouts, a connection already closed before the statement was sent,
+    /// serialization failures (40001), deadlocks (40P01), SQLSTATE class 08
+    /// and 57P01-57P03. Not retryable: constraint violations, syntax errors,
+    /// `NotFound`, configuration errors, a deadline of the caller's own
+    /// ([`ErrorKind::Timeout`]), an I/O failure while a statement was in
+    /// flight (it may have run), and [`ErrorKind::AmbiguousCommit`].
     pub fn is_retryable(&self) -> bool {
-        self.is_connection_error()
-            || self.code().is_some_and(|c| {
-                *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
-            })
+        match self.0.kind {
+            ErrorKind::Connect => !self.code().is_some_and(is_auth_failure),
+            ErrorKind::PoolTimeout => true,
+            // Only when known unsent: a connection that broke while the
+            // statement was in flight may have run it.
+            ErrorKind::Closed => self.0.unsent,
+            ErrorKind::Db => self.code().is_some_and(|c| {
+                is_connection_state(c)
+                    || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *c == SqlState::T_R_DEADLOCK_DETECTED
+            }),
+            _ => false,
+        }
     }
 
     /// How long until an open circuit breaker lets a call through, for
@@ -304,8 +333,13 @@ fn is_auth_failure(code: &SqlState) -> bool {
 /// SQLSTATE is still `Db` (its code says the rest); a closed connection or
 /// an I/O error is `Closed`.
 fn classify(err: &postgres::Error) -> ErrorKind {
-    if err.as_db_error().is_some() {
-        ErrorKind::Db
+    if let Some(db) = err.as_db_error() {
+        // The server's statement_timeout cancelled it.
+        if *db.code() == SqlState::QUERY_CANCELED && db.message().contains("statement timeout") {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Db
+        }
     } else if err.is_closed() || source_is_io(err) {
         ErrorKind::Closed
     } else {
@@ -410,6 +444,8 @@ mod tests {
             ErrorKind::Config,
             ErrorKind::Hook,
             ErrorKind::TooManyRows,
+            ErrorKind::Timeout,
+            ErrorKind::AmbiguousCommit,
         ] {
             let err = Error::new(kind);
             assert!(!err.is_connection_error(), "{kind:?}");

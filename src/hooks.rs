@@ -232,11 +232,14 @@ impl fmt::Debug for AfterOperation<'_> {
 
 /// How a transaction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum TransactionOutcome {
     /// Committed.
     Commit,
     /// Rolled back (by the caller, on error, on panic, or by dropping the guard).
     Rollback,
+    /// The connection failed while `COMMIT` was in flight: unknown.
+    Unknown,
 }
 
 /// Seen by `before_transaction` (no outcome yet) and `after_transaction` hooks.
@@ -495,5 +498,53 @@ pub fn slow_query_log(
             );
         }
         Ok(())
+    }
+}
+
+/// Runs `op` between the operation hooks of `hooks`. With none registered
+/// it is a plain call: no clock reading, no event built.
+pub(crate) fn around<T>(
+    hooks: &Hooks,
+    kind: OperationKind,
+    node: &NodeInfo,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    rows: impl Fn(&T) -> Option<u64>,
+    op: impl FnOnce() -> Result<T, Error>,
+) -> Result<T, Error> {
+    if !hooks.wraps_operations() {
+        return op();
+    }
+    let before = BeforeOperation {
+        kind,
+        sql,
+        node,
+        params: ParamView::new(params, hooks.log_parameters),
+    };
+    run(&hooks.before_operation, "before_operation", |hook| {
+        hook(&before)
+    })
+    .map_err(|e| e.with_node(node))?;
+    let started = std::time::Instant::now();
+    let result = op();
+    if hooks.after_operation.is_empty() {
+        return result;
+    }
+    let after = AfterOperation {
+        before,
+        duration: started.elapsed(),
+        rows: result.as_ref().ok().and_then(&rows),
+        error: result.as_ref().err(),
+    };
+    let verdict = run(&hooks.after_operation, "after_operation", |hook| {
+        hook(&after)
+    });
+    match verdict {
+        Err(e) if result.is_ok() => Err(e.with_node(node)),
+        Err(e) => {
+            log::warn!("{e} (after a failed operation, whose error is returned)");
+            result
+        }
+        Ok(()) => result,
     }
 }

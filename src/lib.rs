@@ -6,6 +6,7 @@ mod balancer;
 mod breaker;
 mod cluster;
 mod config;
+mod deadline;
 mod dsn;
 mod env;
 mod error;
@@ -17,9 +18,12 @@ pub mod metrics;
 mod monitor;
 mod node;
 mod plans;
+mod retry;
+mod shutdown;
 mod stats;
 mod sync;
 mod tls;
+mod tx;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -33,7 +37,10 @@ pub use error::{Error, ErrorKind, NodeInfo, Result, Role};
 pub use health::{HealthReport, HealthStatus, NodeHealth};
 pub use hooks::{AfterOperation, BeforeOperation, HookResult, OperationKind};
 pub use plans::{CapturedPlan, PlanCapture};
+pub use retry::{RetryPolicy, retry};
+pub use shutdown::ShutdownReport;
 pub use stats::{ClusterStats, NodeStats, PoolStats};
+pub use tx::{Executor, IsolationLevel, Transaction, TransactionOptions};
 
 /// The driver's types that appear in pgxkit's API.
 pub use postgres::{self, Row, types::ToSql};

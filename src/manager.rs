@@ -3,7 +3,7 @@
 //! was last returned (for validation after idling), and counts what happens
 //! to connections without taking a lock.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,8 @@ pub(crate) struct PoolShared {
     pub(crate) node: NodeInfo,
     pub(crate) hooks: Arc<Hooks>,
     pub(crate) counters: Counters,
+    /// Set by shutdown: no new connections, returned ones are closed.
+    pub(crate) closed: AtomicBool,
     /// The latest failure to connect (cleared by a success), so a checkout
     /// timeout can say why no connection came.
     last_connect_error: Mutex<Option<(Instant, String)>>,
@@ -64,6 +66,7 @@ impl PoolShared {
             node,
             hooks,
             counters: Counters::default(),
+            closed: AtomicBool::new(false),
             last_connect_error: Mutex::new(None),
         })
     }
@@ -81,6 +84,9 @@ impl PoolShared {
 pub(crate) struct Connector {
     pub(crate) pg: postgres::Config,
     pub(crate) tls: MakeTlsConnector,
+    /// Run on every new pooled connection before the `on_connect` hooks
+    /// (`SET statement_timeout = ...`).
+    pub(crate) init_sql: Option<String>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -139,11 +145,19 @@ impl Manager {
     /// error rejects the connection.
     fn open(&self) -> Result<postgres::Client, Error> {
         let node = &self.shared.node;
+        if self.shared.closed.load(Relaxed) {
+            return Err(Error::new(ErrorKind::ShuttingDown).with_node(node));
+        }
         let mut client = self.connector.connect().map_err(|e| {
             Error::new(ErrorKind::Connect)
                 .with_node(node)
                 .with_source(e)
         })?;
+        if let Some(sql) = &self.connector.init_sql {
+            client
+                .batch_execute(sql)
+                .map_err(|e| Error::from_postgres(e, node))?;
+        }
         let hooks = &self.shared.hooks.on_connect;
         hooks::run(hooks, "on_connect", |hook| hook(&mut client, node))
             .map_err(|e| e.with_node(node))?;
@@ -186,7 +200,10 @@ impl r2d2::ManageConnection for Manager {
     fn has_broken(&self, conn: &mut Conn) -> bool {
         let now = Instant::now();
         conn.returned = now;
-        conn.broken || conn.client.is_closed() || conn.expired(now)
+        conn.broken
+            || conn.client.is_closed()
+            || conn.expired(now)
+            || self.shared.closed.load(Relaxed)
     }
 }
 

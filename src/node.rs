@@ -13,6 +13,7 @@ use scheduled_thread_pool::ScheduledThreadPool;
 
 use crate::breaker::{Breaker, BreakerConfig, BreakerState, Outcome, Transition};
 use crate::config::NodeConfig;
+use crate::deadline::{Armed, Watchdog};
 use crate::error::{Error, ErrorKind, NodeInfo, Result, RetryAfter};
 use crate::hooks::{self, ConnectionEvent, Hooks, NodeEvent};
 use crate::manager::{ConnectErrorLog, Connector, Manager, PoolShared, ReleaseCounter};
@@ -43,6 +44,7 @@ pub(crate) struct NodeOptions {
     pub(crate) hooks: Arc<Hooks>,
     pub(crate) leak_threshold: Option<Duration>,
     pub(crate) leak_backtrace: bool,
+    pub(crate) watchdog: Arc<Watchdog>,
 }
 
 /// Connections checked out now, for leak detection (only when enabled).
@@ -79,6 +81,7 @@ pub(crate) struct Node {
     checkout_timeout: Duration,
     validate_after_idle: Duration,
     hooks: Arc<Hooks>,
+    watchdog: Arc<Watchdog>,
     in_use: AtomicU32,
     utilization_warned: AtomicBool,
     leaks: Option<LeakTracker>,
@@ -146,11 +149,24 @@ pub(crate) struct Permit<'a> {
 
 impl Permit<'_> {
     /// Records the outcome of the call from its result.
-    pub(crate) fn finish<T>(mut self, result: &Result<T>) {
-        let outcome = match result {
-            Err(e) if e.is_connection_error() => Outcome::Failure,
-            _ => Outcome::Success,
-        };
+    pub(crate) fn finish<T>(self, result: &Result<T>) {
+        match result {
+            Ok(_) => self.settle(Outcome::Success),
+            Err(e) => self.finish_error(e),
+        }
+    }
+
+    /// Records a call that failed with `err`: a failure of the node only if
+    /// it is a connection-level error.
+    pub(crate) fn finish_error(self, err: &Error) {
+        self.settle(if err.is_connection_error() {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        });
+    }
+
+    fn settle(mut self, outcome: Outcome) {
         self.done = true;
         self.node.record(outcome, self.held_slot);
     }
@@ -175,10 +191,11 @@ impl Node {
             pg,
             tls,
             pool,
+            init_sql,
             ..
         } = config;
         let shared = PoolShared::new(info.clone(), Arc::clone(&options.hooks));
-        let connector = Arc::new(Connector { pg, tls });
+        let connector = Arc::new(Connector { pg, tls, init_sql });
         let manager = Manager::new(
             Arc::clone(&connector),
             pool.max_conn_lifetime,
@@ -207,6 +224,7 @@ impl Node {
             checkout_timeout: options.checkout_timeout,
             validate_after_idle: options.validate_after_idle,
             hooks: Arc::clone(&options.hooks),
+            watchdog: Arc::clone(&options.watchdog),
             in_use: AtomicU32::new(0),
             utilization_warned: AtomicBool::new(false),
             leaks: options.leak_threshold.map(|threshold| LeakTracker {
@@ -570,15 +588,87 @@ impl Node {
     /// as the node answering.
     pub(crate) fn run<T>(
         &self,
+        deadline: Option<Instant>,
         op: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
         let permit = self.admit()?;
-        let result = self.checkout().and_then(|mut conn| {
-            let result = op(&mut conn.client);
-            result.map_err(|e| self.failed(&mut conn, e))
-        });
+        let result = self
+            .checkout_until(deadline)
+            .and_then(|mut conn| self.guarded(&mut conn, deadline, op));
         permit.finish(&result);
         result
+    }
+
+    /// A connection within the checkout timeout, or sooner if `deadline`
+    /// comes first (then running out is `Timeout`, not `PoolTimeout`).
+    pub(crate) fn checkout_until(&self, deadline: Option<Instant>) -> Result<Lease<'_>> {
+        let Some(at) = deadline else {
+            return self.checkout();
+        };
+        let left = at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::new(ErrorKind::Timeout)
+                .with_node(&self.info)
+                .with_detail("deadline passed before a connection was checked out"));
+        }
+        if left >= self.checkout_timeout {
+            return self.checkout();
+        }
+        self.checkout_within(left).map_err(|e| {
+            if e.kind() == ErrorKind::PoolTimeout {
+                Error::new(ErrorKind::Timeout)
+                    .with_node(&self.info)
+                    .with_detail("deadline passed waiting for a connection")
+            } else {
+                e
+            }
+        })
+    }
+
+    /// Runs `op` on a checked-out connection, bounded by `deadline`: when it
+    /// passes, the statement is cancelled on the server and the call returns
+    /// `Timeout`; the connection, whose state is then uncertain, is discarded.
+    pub(crate) fn guarded<T>(
+        &self,
+        conn: &mut Lease<'_>,
+        deadline: Option<Instant>,
+        op: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        if conn.client.is_closed() {
+            conn.broken = true;
+            return Err(Error::new(ErrorKind::Closed)
+                .with_node(&self.info)
+                .with_detail("the connection was closed before the statement was sent")
+                .unsent());
+        }
+        let armed = deadline.map(|at| {
+            let token = conn.client.cancel_token();
+            self.watchdog
+                .arm(at, token, self.connector.tls.clone(), &self.info)
+        });
+        let result = op(&mut conn.client);
+        if armed.is_some_and(Armed::disarm) {
+            conn.broken = true;
+            return result.map_err(|e| {
+                Error::new(ErrorKind::Timeout)
+                    .with_node(&self.info)
+                    .with_detail("deadline passed; the statement was cancelled on the server")
+                    .with_source(e)
+            });
+        }
+        result.map_err(|e| self.failed(conn, e))
+    }
+
+    /// Refuses new connections from now on and closes every idle one; a
+    /// connection in use is closed when it comes back.
+    pub(crate) fn close(&self) {
+        self.shared.closed.store(true, Relaxed);
+        let mut idle = Vec::new();
+        while let Some(mut conn) = self.pool.try_get() {
+            conn.broken = true;
+            idle.push(conn);
+        }
+        drop(idle);
     }
 
     /// Converts a driver error, marking the connection broken when the

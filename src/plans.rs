@@ -253,12 +253,23 @@ impl Capture {
     }
 }
 
-pub(crate) fn spawn(cluster: Weak<Inner>, jobs: Receiver<Job>) -> std::io::Result<JoinHandle<()>> {
+pub(crate) fn spawn(
+    cluster: Weak<Inner>,
+    jobs: Receiver<Job>,
+    stop: Receiver<()>,
+) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("pgxkit-plans".to_owned())
         .spawn(move || {
-            // Ends when the cluster (holding the sender) is gone.
-            while let Ok(job) = jobs.recv() {
+            // Ends at shutdown (stop disconnects) or when the cluster is gone.
+            loop {
+                let job = crossbeam_channel::select! {
+                    recv(stop) -> _ => return,
+                    recv(jobs) -> job => match job {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    },
+                };
                 let Some(inner) = cluster.upgrade() else {
                     return;
                 };
@@ -285,7 +296,7 @@ fn explain(inner: &Inner, job: Job) {
         .iter()
         .map(|p| p as &(dyn ToSql + Sync))
         .collect();
-    let result = node.run(|client| {
+    let result = node.run(None, |client| {
         if analyze {
             let mut tx = client.build_transaction().read_only(true).start()?;
             let plan = fetch_plan(&mut tx, &explain_sql, &job.types, &params);

@@ -482,3 +482,58 @@ fn node_events_reach_their_hooks() {
         "{events:?}"
     );
 }
+
+#[test]
+fn transaction_hooks_see_commit_rollback_and_can_veto() {
+    use pgxkit::hooks::TransactionOutcome;
+    let local = LocalCluster::start(0).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let begun = Arc::new(AtomicUsize::new(0));
+    let (s, b) = (seen.clone(), begun.clone());
+    let cluster = single(&local)
+        .before_transaction(move |ev| {
+            b.fetch_add(1, Ordering::SeqCst);
+            assert!(ev.outcome().is_none());
+            if ev.read_only() {
+                return Err("no read-only transactions today".into());
+            }
+            Ok(())
+        })
+        .after_transaction(move |ev| {
+            s.lock().unwrap().push((
+                ev.outcome(),
+                ev.error().map(|e| e.kind()),
+                ev.duration() > Duration::ZERO,
+            ));
+            Ok(())
+        })
+        .build()
+        .unwrap();
+    cluster
+        .batch_execute("CREATE TABLE h (x int PRIMARY KEY)")
+        .unwrap();
+    cluster
+        .transaction(|tx| tx.execute("INSERT INTO h VALUES (1)", &[]))
+        .unwrap();
+    cluster
+        .transaction(|tx| tx.query_one("SELECT 1 WHERE false", &[]))
+        .unwrap_err();
+    drop(cluster.begin().unwrap());
+    let err = cluster
+        .transaction_with(
+            pgxkit::TransactionOptions::new().read_only(true),
+            |_| Ok(()),
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Hook);
+    assert_eq!(begun.load(Ordering::SeqCst), 4);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            (Some(TransactionOutcome::Commit), None, true),
+            (Some(TransactionOutcome::Rollback), None, true),
+            (Some(TransactionOutcome::Rollback), None, true),
+        ],
+        "the vetoed transaction never began"
+    );
+}

@@ -91,7 +91,10 @@ fn the_example_serves_health_readiness_and_metrics_and_stops_on_sigterm() {
     assert!(status.success(), "{status}");
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
-    assert!(rest.contains("shutting down"), "{rest}");
+    assert!(
+        rest.contains("shutting down") && rest.contains("drained: true"),
+        "{rest}"
+    );
 }
 
 fn nix_kill(pid: u32) {

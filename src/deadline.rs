@@ -1,0 +1,183 @@
+//! Per-call deadlines for a driver that has none: a watchdog thread cancels
+//! the running statement on the server (`CancelToken`, with the node's TLS
+//! settings) when its deadline passes.
+//!
+//! The thread starts on first use and stops when the cluster is dropped or
+//! shut down. A statement whose cancel request was sent leaves its
+//! connection in an uncertain state (the request may land after the
+//! statement finished and hit the next one), so that connection is always
+//! discarded.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use postgres::CancelToken;
+use postgres_native_tls::MakeTlsConnector;
+
+use crate::error::NodeInfo;
+use crate::sync::lock;
+
+const PENDING: u8 = 0;
+const DONE: u8 = 1;
+const FIRED: u8 = 2;
+
+struct Job {
+    at: Instant,
+    token: CancelToken,
+    tls: MakeTlsConnector,
+    node: NodeInfo,
+    state: Arc<AtomicU8>,
+}
+
+/// One armed deadline; `disarm` when the statement ends.
+#[derive(Debug)]
+pub(crate) struct Armed(Option<Arc<AtomicU8>>);
+
+impl Armed {
+    /// Ends the watch; `true` when the deadline already fired (a cancel
+    /// request was or is being sent).
+    pub(crate) fn disarm(self) -> bool {
+        match &self.0 {
+            Some(state) => state
+                .compare_exchange(PENDING, DONE, SeqCst, SeqCst)
+                .is_err(),
+            None => false,
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Watchdog {
+    jobs: OnceLock<Sender<Box<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Watchdog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watchdog")
+            .field("started", &self.jobs.get().is_some())
+            .finish()
+    }
+}
+
+impl Watchdog {
+    /// Watches a statement: at `at`, unless disarmed first, its backend is
+    /// sent a cancel request.
+    pub(crate) fn arm(
+        &self,
+        at: Instant,
+        token: CancelToken,
+        tls: MakeTlsConnector,
+        node: &NodeInfo,
+    ) -> Armed {
+        let state = Arc::new(AtomicU8::new(PENDING));
+        let job = Box::new(Job {
+            at,
+            token,
+            tls,
+            node: node.clone(),
+            state: Arc::clone(&state),
+        });
+        match self.sender().map(|s| s.send(job)) {
+            Some(Ok(())) => Armed(Some(state)),
+            // No watchdog thread (could not start, or shut down): the
+            // statement runs unbounded rather than failing.
+            _ => {
+                log::warn!(
+                    "deadline watchdog unavailable; a statement on {node} runs without its deadline"
+                );
+                Armed(None)
+            }
+        }
+    }
+
+    fn sender(&self) -> Option<&Sender<Box<Job>>> {
+        if let Some(s) = self.jobs.get() {
+            return Some(s);
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut thread = lock(&self.thread);
+        if self.jobs.get().is_none() {
+            match std::thread::Builder::new()
+                .name("pgxkit-deadline".to_owned())
+                .spawn(move || run(&rx))
+            {
+                Ok(handle) => {
+                    *thread = Some(handle);
+                    let _ = self.jobs.set(tx);
+                }
+                Err(e) => log::error!("cannot start the deadline watchdog thread: {e}"),
+            }
+        }
+        self.jobs.get()
+    }
+
+    /// The thread, for shutdown to join; it ends once every sender is gone.
+    pub(crate) fn take_thread(&self) -> Option<JoinHandle<()>> {
+        lock(&self.thread).take()
+    }
+}
+
+fn run(jobs: &Receiver<Box<Job>>) {
+    let mut heap: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+    let mut pending: HashMap<u64, Box<Job>> = HashMap::new();
+    let mut seq = 0u64;
+    let mut sweep_at = 1024;
+    loop {
+        let received = match heap.peek() {
+            Some(Reverse((at, _))) => jobs.recv_deadline(*at),
+            None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match received {
+            Ok(job) => {
+                seq += 1;
+                heap.push(Reverse((job.at, seq)));
+                pending.insert(seq, job);
+                if pending.len() >= sweep_at {
+                    // Statements that ended in time need no watch: drop them
+                    // now rather than at their deadlines.
+                    pending.retain(|_, job| job.state.load(SeqCst) == PENDING);
+                    heap = pending
+                        .iter()
+                        .map(|(id, job)| Reverse((job.at, *id)))
+                        .collect();
+                    sweep_at = (pending.len() * 2).max(1024);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        while let Some(Reverse((at, id))) = heap.peek().copied() {
+            if at > now {
+                break;
+            }
+            heap.pop();
+            if let Some(job) = pending.remove(&id) {
+                fire(&job);
+            }
+        }
+    }
+}
+
+fn fire(job: &Job) {
+    if job
+        .state
+        .compare_exchange(PENDING, FIRED, SeqCst, SeqCst)
+        .is_err()
+    {
+        return; // finished in time
+    }
+    log::debug!("deadline passed on {}; cancelling the statement", job.node);
+    if let Err(e) = job.token.cancel_query(job.tls.clone()) {
+        log::warn!(
+            "could not cancel a statement past its deadline on {}: {e}",
+            job.node
+        );
+    }
+}
