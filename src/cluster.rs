@@ -23,6 +23,7 @@ use crate::plans::{self, Capture};
 use crate::shutdown::{InFlight, Lifecycle, ShutdownReport};
 use crate::stats::ClusterStats;
 use crate::sync::lock;
+use crate::tls::{self, SslStatus};
 
 /// Threads r2d2 uses to open connections in the background, shared by every
 /// pool of a cluster.
@@ -174,20 +175,43 @@ impl Cluster {
             .collect();
 
         // One connection to each node, all at once, each bounded by its
-        // connect timeout.
-        let primary_check = std::thread::scope(|s| {
-            for replica in &replicas {
-                s.spawn(move || {
-                    if let Err(e) = replica.connect_direct() {
-                        replica.set_up(false);
-                        log::warn!("{e}; it gets no reads until a health probe reaches it");
-                    }
-                });
+        // connect timeout (and, with require_tls, checked for encryption).
+        let require_tls = config.require_tls;
+        let check = move |node: &Node| -> Result<()> {
+            let mut client = node.connect_direct()?;
+            if require_tls && !tls::ssl_status(&node.info, &mut client)?.encrypted {
+                return Err(Error::config(format!(
+                    "require_tls: the connection to {} is not encrypted",
+                    node.info
+                )));
             }
-            (!config.lazy_connect).then(|| primary.connect_direct())
+            Ok(())
+        };
+        let checks = std::thread::scope(|s| {
+            let replica_checks: Vec<_> =
+                replicas.iter().map(|r| s.spawn(move || check(r))).collect();
+            let primary_check = (!config.lazy_connect).then(|| check(&primary));
+            let replica_results: Vec<Result<()>> = replica_checks
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::new(ErrorKind::Connect)))
+                })
+                .collect();
+            (primary_check, replica_results)
         });
-        if let Some(Err(e)) = primary_check {
+        if let Some(Err(e)) = checks.0 {
             return Err(e);
+        }
+        for (replica, result) in replicas.iter().zip(checks.1) {
+            match result {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Config => return Err(e),
+                Err(e) => {
+                    replica.set_up(false);
+                    log::warn!("{e}; it gets no reads until a health probe reaches it");
+                }
+            }
         }
 
         let (plans, plan_jobs) = match &config.plan_capture {
@@ -695,6 +719,29 @@ impl Cluster {
             })
             .collect();
         HealthReport::new(nodes)
+    }
+
+    /// Whether each node's connections are encrypted, with protocol and
+    /// cipher, from `pg_stat_ssl` for a pooled connection's own backend.
+    /// One entry per node, the primary first; a node that cannot be reached
+    /// gives its error. Blocks for one checkout and round trip per node.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app?sslmode=require")?;
+    /// for status in cluster.ssl_status() {
+    ///     let s = status?;
+    ///     println!("{}: encrypted={} {:?} {:?}", s.node, s.encrypted, s.version, s.cipher);
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn ssl_status(&self) -> Vec<Result<SslStatus>> {
+        self.inner
+            .nodes()
+            .map(|node| {
+                let _in_flight = self.enter()?;
+                tls::pooled_ssl_status(node, self.deadline())
+            })
+            .collect()
     }
 
     /// Shuts the cluster down gracefully, waiting at most `deadline`.

@@ -8,7 +8,7 @@ use postgres_native_tls::MakeTlsConnector;
 
 use crate::breaker::BreakerConfig;
 use crate::cluster::Cluster;
-use crate::dsn::{Dsn, PoolOverrides, redact_dsn};
+use crate::dsn::{Dsn, PoolOverrides, SslMode, redact_dsn};
 use crate::error::{Error, NodeInfo, Result, Role};
 use crate::hooks::{
     AfterOperation, BeforeOperation, ConnectionEvent, HookResult, Hooks, NodeEvent, ShutdownEvent,
@@ -66,6 +66,7 @@ pub struct ClusterBuilder {
     statement_timeout: Option<Duration>,
     tcp_user_timeout: Option<Duration>,
     keepalives_idle: Option<Duration>,
+    require_tls: bool,
 }
 
 /// What reads do when no replica is eligible (all down, open breakers, or
@@ -130,6 +131,7 @@ impl Default for ClusterBuilder {
             statement_timeout: None,
             tcp_user_timeout: None,
             keepalives_idle: None,
+            require_tls: false,
         }
     }
 }
@@ -163,6 +165,7 @@ impl fmt::Debug for ClusterBuilder {
             .field("statement_timeout", &self.statement_timeout)
             .field("tcp_user_timeout", &self.tcp_user_timeout)
             .field("keepalives_idle", &self.keepalives_idle)
+            .field("require_tls", &self.require_tls)
             .finish()
     }
 }
@@ -515,6 +518,15 @@ impl ClusterBuilder {
         self
     }
 
+    /// Refuse to start unless every node's connections are encrypted: each
+    /// node's `sslmode` must be `require`, `verify-ca` or `verify-full`
+    /// (`prefer` may fall back to plaintext), and every connection `build()`
+    /// makes is checked in `pg_stat_ssl`. Defaults to `false`.
+    pub fn require_tls(mut self, yes: bool) -> Self {
+        self.require_tls = yes;
+        self
+    }
+
     /// Captures the plan of statements slower than the capture's threshold,
     /// on a background worker (see [`PlanCapture`]). Defaults to off.
     pub fn capture_slow_plans(mut self, capture: PlanCapture) -> Self {
@@ -607,6 +619,7 @@ impl ClusterBuilder {
             plan_capture: self.plan_capture.clone(),
             #[cfg(feature = "prometheus")]
             prometheus: self.prometheus.clone(),
+            require_tls: self.require_tls,
         })
     }
 
@@ -656,6 +669,12 @@ impl ClusterBuilder {
         let init_sql = self
             .statement_timeout
             .map(|d| format!("SET statement_timeout = {}", d.as_millis().max(1)));
+        if self.require_tls && matches!(parsed.tls.mode, SslMode::Disable | SslMode::Prefer) {
+            return Err(Error::config(format!(
+                "sslmode: `{}` with require_tls: use require, verify-ca or verify-full",
+                parsed.tls.mode
+            )));
+        }
         let tls = tls::connector(&parsed.tls, &mut parsed.pg)?;
         Ok(NodeConfig {
             info: NodeInfo::new(name, role, parsed.address()),
@@ -730,4 +749,5 @@ pub(crate) struct ClusterConfig {
     pub(crate) plan_capture: Option<PlanCapture>,
     #[cfg(feature = "prometheus")]
     pub(crate) prometheus: Option<prometheus::Registry>,
+    pub(crate) require_tls: bool,
 }

@@ -40,6 +40,7 @@ pub use plans::{CapturedPlan, PlanCapture};
 pub use retry::{RetryPolicy, retry};
 pub use shutdown::ShutdownReport;
 pub use stats::{ClusterStats, NodeStats, PoolStats};
+pub use tls::SslStatus;
 pub use tx::{Executor, IsolationLevel, Transaction, TransactionOptions};
 
 /// The driver's types that appear in pgxkit's API.

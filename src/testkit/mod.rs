@@ -29,6 +29,7 @@
 //! If the test process is killed with SIGKILL no destructor runs and its
 //! servers are left behind (their data directories hold `pgxkit-` in the path).
 
+mod certs;
 mod error;
 mod node;
 mod process;
@@ -40,16 +41,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use certs::TlsFiles;
 pub use error::Error;
 pub use node::LocalNode;
 
 use process::Runner;
 
-/// Settings written to every node's `postgresql.conf`: loopback only, no
-/// Unix socket, and durability traded for speed (the data is thrown away).
+/// Settings written to every node's `postgresql.conf`: loopback only, and
+/// durability traded for speed (the data is thrown away). The Unix socket
+/// lives in the cluster's own directory and serves only the kit's own
+/// administrative connections.
 const BASE_SETTINGS: &[(&str, &str)] = &[
     ("listen_addresses", "'127.0.0.1'"),
-    ("unix_socket_directories", "''"),
     ("fsync", "off"),
     ("full_page_writes", "off"),
     ("shared_buffers", "'32MB'"),
@@ -80,6 +83,8 @@ pub struct LocalCluster {
     nodes: Vec<LocalNode>,
     dir: tempfile::TempDir,
     timeout: Duration,
+    tls: Option<TlsFiles>,
+    password: Option<String>,
 }
 
 impl LocalCluster {
@@ -124,6 +129,17 @@ impl LocalCluster {
         self.replicas().iter().map(LocalNode::dsn).collect()
     }
 
+    /// The certificate files, when started with [`LocalClusterBuilder::tls`].
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// The generated password of user `postgres`, when started with
+    /// [`LocalClusterBuilder::password_auth`] (the DSNs carry it).
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
     /// The temporary directory that holds every node's data and log.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -142,7 +158,7 @@ impl LocalCluster {
         Ok(())
     }
 
-    fn add_node(&mut self, name: String, port: u16, runner: &Arc<Runner>) -> &LocalNode {
+    fn add_node(&mut self, name: String, port: u16, runner: &Arc<Runner>) {
         let data_dir = self.dir.path().join(&name);
         let log_path = self.dir.path().join(format!("{name}.log"));
         self.nodes.push(LocalNode::new(
@@ -150,10 +166,11 @@ impl LocalCluster {
             port,
             data_dir,
             log_path,
+            self.dir.path().to_path_buf(),
+            self.password.clone(),
             Arc::clone(runner),
             self.timeout,
         ));
-        &self.nodes[self.nodes.len() - 1]
     }
 }
 
@@ -180,6 +197,9 @@ pub struct LocalClusterBuilder {
     port: Option<u16>,
     timeout: Duration,
     settings: Vec<(String, String)>,
+    tls: bool,
+    password_auth: bool,
+    client_cert_auth: bool,
 }
 
 impl Default for LocalClusterBuilder {
@@ -191,6 +211,9 @@ impl Default for LocalClusterBuilder {
             port: None,
             timeout: Duration::from_secs(60),
             settings: Vec::new(),
+            tls: false,
+            password_auth: false,
+            client_cert_auth: false,
         }
     }
 }
@@ -237,6 +260,31 @@ impl LocalClusterBuilder {
         self
     }
 
+    /// Serve TLS (`ssl = on`) with certificates made for this run: a CA, a
+    /// server certificate for `localhost`, a client certificate for user
+    /// `postgres`, and an unrelated CA (see [`TlsFiles`]). Plaintext
+    /// connections stay allowed unless [`client_cert_auth`](Self::client_cert_auth).
+    /// Needs the `openssl` command. Defaults to `false`.
+    pub fn tls(mut self, yes: bool) -> Self {
+        self.tls = yes;
+        self
+    }
+
+    /// Require SCRAM-SHA-256 password authentication on TCP, with a password
+    /// generated for this run ([`LocalCluster::password`]; the DSNs carry it).
+    /// Defaults to `false` (trust).
+    pub fn password_auth(mut self, yes: bool) -> Self {
+        self.password_auth = yes;
+        self
+    }
+
+    /// Require TLS with a client certificate (`hostssl ... cert`) on TCP;
+    /// implies [`tls`](Self::tls). Defaults to `false`.
+    pub fn client_cert_auth(mut self, yes: bool) -> Self {
+        self.client_cert_auth = yes;
+        self
+    }
+
     /// Creates the cluster and waits until every node accepts connections and
     /// every replica streams from the primary.
     ///
@@ -267,40 +315,76 @@ impl LocalClusterBuilder {
         let runner = Arc::new(Runner::new(bin_dir, dir.path().to_path_buf())?);
         runner.hand_over(dir.path())?;
         let ports = self.ports()?;
+        let tls = if self.tls || self.client_cert_auth {
+            let files = certs::generate(&dir.path().join("tls"))?;
+            for file in [&files.server_cert, &files.server_key, &files.ca_cert] {
+                runner.hand_over(file)?;
+            }
+            Some(files)
+        } else {
+            None
+        };
+        let password = self.password_auth.then(|| {
+            std::iter::repeat_with(fastrand::alphanumeric)
+                .take(24)
+                .collect::<String>()
+        });
         let mut cluster = LocalCluster {
             nodes: Vec::with_capacity(ports.len()),
             dir,
             timeout: self.timeout,
+            tls,
+            password,
         };
 
-        let primary = cluster.add_node("primary".to_owned(), ports[0], &runner);
+        cluster.add_node("primary".to_owned(), ports[0], &runner);
+        let primary = cluster.primary();
         let data_dir = primary.data_dir().to_string_lossy().into_owned();
-        runner
+        let mut initdb_args = vec![
+            "-D".to_owned(),
+            data_dir,
+            "-U".to_owned(),
+            "postgres".to_owned(),
+            "--auth=trust".to_owned(),
+            "-E".to_owned(),
+            "UTF8".to_owned(),
+            "--locale=C".to_owned(),
+            "--no-sync".to_owned(),
+            "--no-instructions".to_owned(),
+        ];
+        // The password goes in through a file, never through SQL text
+        // (the driver logs statements at debug level).
+        let pwfile = cluster.dir.path().join("pwfile");
+        if let Some(password) = &cluster.password {
+            fs::write(&pwfile, password).map_err(|e| {
+                Error::new(
+                    "set password",
+                    format!("cannot write {}: {e}", pwfile.display()),
+                )
+            })?;
+            runner.hand_over(&pwfile)?;
+            initdb_args.push(format!("--pwfile={}", pwfile.display()));
+        }
+        let initdb_args: Vec<&str> = initdb_args.iter().map(String::as_str).collect();
+        let initdb = runner
             .run(
                 "initdb",
                 "initdb",
-                &[
-                    "-D",
-                    &data_dir,
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                    "--no-instructions",
-                ],
+                &initdb_args,
                 primary.log_path(),
                 self.timeout,
             )
-            .map_err(|e| e.on_node("primary"))?;
-        self.write_settings(primary)?;
+            .map_err(|e| e.on_node("primary"));
+        let _ = fs::remove_file(&pwfile);
+        initdb?;
+        self.write_settings(primary, &cluster.tls)?;
+        self.write_hba(primary)?;
         primary.start()?;
 
         for (i, port) in ports.iter().enumerate().skip(1) {
             let primary_port = cluster.primary().port().to_string();
-            let replica = cluster.add_node(format!("replica{i}"), *port, &runner);
+            cluster.add_node(format!("replica{i}"), *port, &runner);
+            let replica = &cluster.nodes[i];
             let data_dir = replica.data_dir().to_string_lossy().into_owned();
             runner
                 .run(
@@ -333,6 +417,24 @@ impl LocalClusterBuilder {
         Ok(cluster)
     }
 
+    /// Access rules: the kit's own Unix socket and replication are trusted;
+    /// TCP clients trust, SCRAM, or TLS with a client certificate.
+    fn write_hba(&self, node: &LocalNode) -> Result<(), Error> {
+        let path = node.data_dir().join("pg_hba.conf");
+        let clients = if self.client_cert_auth {
+            "hostssl all all 127.0.0.1/32 cert"
+        } else if self.password_auth {
+            "host all all 127.0.0.1/32 scram-sha-256"
+        } else {
+            "host all all 127.0.0.1/32 trust"
+        };
+        let text = format!(
+            "# pgxkit testkit\nlocal all all trust\nhost replication all 127.0.0.1/32 trust\n{clients}\n"
+        );
+        fs::write(&path, text)
+            .map_err(|e| node.error("configure", format!("cannot write {}: {e}", path.display())))
+    }
+
     /// One free loopback port per node; the primary's may be given.
     fn ports(&self) -> Result<Vec<u16>, Error> {
         // Hold every listener until all are chosen so no two nodes share one.
@@ -360,9 +462,20 @@ impl LocalClusterBuilder {
             .map_err(|e| Error::new("choose ports", e.to_string()))
     }
 
-    fn write_settings(&self, node: &LocalNode) -> Result<(), Error> {
+    fn write_settings(&self, node: &LocalNode, tls: &Option<TlsFiles>) -> Result<(), Error> {
         let path = node.data_dir().join("postgresql.conf");
+        let quoted = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "''"));
         let mut text = String::from("\n# pgxkit testkit\n");
+        text.push_str(&format!(
+            "unix_socket_directories = {}\n",
+            quoted(node.socket_dir())
+        ));
+        if let Some(files) = tls {
+            text.push_str("ssl = on\n");
+            text.push_str(&format!("ssl_cert_file = {}\n", quoted(&files.server_cert)));
+            text.push_str(&format!("ssl_key_file = {}\n", quoted(&files.server_key)));
+            text.push_str(&format!("ssl_ca_file = {}\n", quoted(&files.ca_cert)));
+        }
         for (name, value) in BASE_SETTINGS
             .iter()
             .map(|(n, v)| (*n, *v))

@@ -33,17 +33,22 @@ pub struct LocalNode {
     port: u16,
     data_dir: PathBuf,
     log_path: PathBuf,
+    socket_dir: PathBuf,
+    password: Option<String>,
     runner: Arc<Runner>,
     timeout: Duration,
     postmaster: Mutex<Option<Child>>,
 }
 
 impl LocalNode {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         name: String,
         port: u16,
         data_dir: PathBuf,
         log_path: PathBuf,
+        socket_dir: PathBuf,
+        password: Option<String>,
         runner: Arc<Runner>,
         timeout: Duration,
     ) -> Self {
@@ -52,6 +57,8 @@ impl LocalNode {
             port,
             data_dir,
             log_path,
+            socket_dir,
+            password,
             runner,
             timeout,
             postmaster: Mutex::new(None),
@@ -68,10 +75,19 @@ impl LocalNode {
         self.port
     }
 
-    /// A connection string for this server: user `postgres`, database
-    /// `postgres`, trust authentication on 127.0.0.1.
+    /// A connection string for this server over TCP on 127.0.0.1: user
+    /// `postgres` (with the generated password under `password_auth`),
+    /// database `postgres`. Add `?sslmode=...` for TLS.
     pub fn dsn(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        match &self.password {
+            Some(pw) => format!("postgres://postgres:{pw}@127.0.0.1:{}/postgres", self.port),
+            None => format!("postgres://postgres@127.0.0.1:{}/postgres", self.port),
+        }
+    }
+
+    /// The directory of the server's Unix socket (the kit's own admin access).
+    pub fn socket_dir(&self) -> &Path {
+        &self.socket_dir
     }
 
     /// The server's data directory.
@@ -102,7 +118,8 @@ impl LocalNode {
         }
     }
 
-    /// A new `postgres::Client` to this server (connect timeout 5 s).
+    /// A new `postgres::Client` to this server as `postgres`, over its Unix
+    /// socket (trusted whatever the TCP authentication), connect timeout 5 s.
     pub fn client(&self) -> Result<postgres::Client, Error> {
         self.connect(Duration::from_secs(5))
             .map_err(|e| self.error("connect", format!("cannot connect: {e}")))
@@ -110,7 +127,7 @@ impl LocalNode {
 
     fn connect(&self, timeout: Duration) -> Result<postgres::Client, postgres::Error> {
         postgres::Config::new()
-            .host("127.0.0.1")
+            .host_path(&self.socket_dir)
             .port(self.port)
             .user("postgres")
             .dbname("postgres")
