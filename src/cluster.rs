@@ -7,8 +7,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
+use postgres::Row;
 use postgres::types::ToSql;
-use postgres::{Row, Statement};
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use crate::balancer::RoundRobin;
@@ -21,6 +21,7 @@ use crate::monitor;
 use crate::node::{Node, NodeOptions};
 use crate::plans::{self, Capture};
 use crate::shutdown::{InFlight, Lifecycle, ShutdownReport};
+use crate::statements::{Call, Output, StatementMode};
 use crate::stats::ClusterStats;
 use crate::sync::lock;
 use crate::tls::{self, SslStatus};
@@ -65,6 +66,8 @@ pub struct Cluster {
     pub(crate) inner: Arc<Inner>,
     /// The per-call deadline of this handle (`with_timeout`).
     timeout: Option<Duration>,
+    /// This handle's statement mode (`with_statement_mode`), else the cluster's.
+    mode: Option<StatementMode>,
 }
 
 pub(crate) struct Inner {
@@ -74,6 +77,7 @@ pub(crate) struct Inner {
     max_replica_lag: Option<Duration>,
     max_replica_lag_bytes: Option<u64>,
     read_fallback: ReadFallback,
+    statement_mode: StatementMode,
     pub(crate) hooks: Arc<Hooks>,
     plans: Option<Capture>,
     pub(crate) lifecycle: Lifecycle,
@@ -102,6 +106,7 @@ impl std::fmt::Debug for Cluster {
             .field("primary", &self.inner.primary.info)
             .field("replicas", &replicas)
             .field("timeout", &self.timeout)
+            .field("statement_mode", &self.mode())
             .finish()
     }
 }
@@ -166,6 +171,7 @@ impl Cluster {
             leak_threshold: config.leak_threshold,
             leak_backtrace: config.leak_backtrace,
             watchdog: Arc::clone(&watchdog),
+            statement_cache_capacity: config.statement_cache_capacity,
         };
         let primary = Node::open(config.primary, &options, &pool_threads);
         let replicas: Vec<Node> = config
@@ -229,6 +235,7 @@ impl Cluster {
             max_replica_lag: config.max_replica_lag,
             max_replica_lag_bytes: config.max_replica_lag_bytes,
             read_fallback: config.read_fallback,
+            statement_mode: config.statement_mode,
             hooks: config.hooks,
             plans,
             lifecycle: Lifecycle::default(),
@@ -262,6 +269,7 @@ impl Cluster {
         Ok(Cluster {
             inner,
             timeout: None,
+            mode: None,
         })
     }
 
@@ -290,7 +298,31 @@ impl Cluster {
         Cluster {
             inner: Arc::clone(&self.inner),
             timeout: Some(timeout),
+            mode: self.mode,
         }
+    }
+
+    /// A handle to the same cluster whose calls use `mode` (see
+    /// [`StatementMode`]), e.g. the simple protocol for one statement.
+    ///
+    /// ```no_run
+    /// use pgxkit::StatementMode;
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let once = cluster.with_statement_mode(StatementMode::Unnamed);
+    /// once.query("SELECT * FROM one_off_report WHERE day = $1", &[&"2026-11-29"])?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn with_statement_mode(&self, mode: StatementMode) -> Cluster {
+        Cluster {
+            inner: Arc::clone(&self.inner),
+            timeout: self.timeout,
+            mode: Some(mode),
+        }
+    }
+
+    /// The statement mode of this handle.
+    pub(crate) fn mode(&self) -> StatementMode {
+        self.mode.unwrap_or(self.inner.statement_mode)
     }
 
     /// The deadline of a call starting now.
@@ -396,31 +428,25 @@ impl Cluster {
         }
     }
 
-    /// Runs a parameterised statement on `node`, prepared first (the same
-    /// round trips as `Client::query(&str)`, which prepares one itself), so
-    /// that a slow one can have its plan captured with its parameters.
-    fn statement<T>(
+    /// Runs a parameterised statement on `node` in this handle's statement mode.
+    fn statement(
         &self,
         kind: OperationKind,
         node: &Node,
         deadline: Option<Instant>,
         sql: &str,
         params: Params<'_>,
-        run: impl FnOnce(&mut postgres::Client, &Statement) -> std::result::Result<T, postgres::Error>,
-    ) -> Result<T> {
-        node.run(deadline, |client| {
-            let statement = client.prepare(sql)?;
-            let Some(capture) = self.inner.plans() else {
-                return run(client, &statement);
-            };
-            let started = Instant::now();
-            let result = run(client, &statement);
-            let took = started.elapsed();
-            if result.is_ok() && took > capture.threshold {
-                capture.offer(&node.info, kind, &statement, sql, params, took);
-            }
-            result
-        })
+        call: Call,
+    ) -> Result<Output> {
+        node.run_statement(
+            deadline,
+            self.mode(),
+            kind,
+            sql,
+            params,
+            call,
+            self.inner.plans(),
+        )
     }
 
     /// Runs a statement on the primary and returns the number of rows it
@@ -439,9 +465,8 @@ impl Cluster {
             params,
             |n| Some(*n),
             |node, deadline| {
-                self.statement(kind, node, deadline, sql, params, |c, s| {
-                    c.execute(s, params)
-                })
+                self.statement(kind, node, deadline, sql, params, Call::Execute)
+                    .map(Output::count)
             },
         )
     }
@@ -458,7 +483,8 @@ impl Cluster {
     pub fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
         let kind = OperationKind::Query;
         self.on_primary(kind, sql, params, row_count, |node, deadline| {
-            self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
+            self.statement(kind, node, deadline, sql, params, Call::Query)
+                .map(Output::rows)
         })
     }
 
@@ -478,8 +504,8 @@ impl Cluster {
             params,
             |_| Some(1),
             |node, deadline| {
-                self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
-                    .and_then(|rows| exactly_one(rows, node))
+                self.statement(kind, node, deadline, sql, params, Call::Query)
+                    .and_then(|out| exactly_one(out.rows(), node))
             },
         )
     }
@@ -496,8 +522,8 @@ impl Cluster {
     pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
         let kind = OperationKind::QueryOpt;
         self.on_primary(kind, sql, params, opt_count, |node, deadline| {
-            self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
-                .and_then(|rows| at_most_one(rows, node))
+            self.statement(kind, node, deadline, sql, params, Call::Query)
+                .and_then(|out| at_most_one(out.rows(), node))
         })
     }
 
@@ -530,7 +556,8 @@ impl Cluster {
     pub fn read_query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
         let kind = OperationKind::ReadQuery;
         self.read(kind, sql, params, row_count, |node, deadline| {
-            self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
+            self.statement(kind, node, deadline, sql, params, Call::Query)
+                .map(Output::rows)
         })
     }
 
@@ -549,8 +576,8 @@ impl Cluster {
             params,
             |_| Some(1),
             |node, deadline| {
-                self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
-                    .and_then(|rows| exactly_one(rows, node))
+                self.statement(kind, node, deadline, sql, params, Call::Query)
+                    .and_then(|out| exactly_one(out.rows(), node))
             },
         )
     }
@@ -565,8 +592,8 @@ impl Cluster {
     pub fn read_query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
         let kind = OperationKind::ReadQueryOpt;
         self.read(kind, sql, params, opt_count, |node, deadline| {
-            self.statement(kind, node, deadline, sql, params, |c, s| c.query(s, params))
-                .and_then(|rows| at_most_one(rows, node))
+            self.statement(kind, node, deadline, sql, params, Call::Query)
+                .and_then(|out| at_most_one(out.rows(), node))
         })
     }
 

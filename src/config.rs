@@ -15,6 +15,7 @@ use crate::hooks::{
     TransactionEvent,
 };
 use crate::plans::PlanCapture;
+use crate::statements::StatementMode;
 use crate::tls;
 
 /// Configures and builds a [`Cluster`]. Setters never fail; `build()`
@@ -67,6 +68,8 @@ pub struct ClusterBuilder {
     tcp_user_timeout: Option<Duration>,
     keepalives_idle: Option<Duration>,
     require_tls: bool,
+    statement_mode: StatementMode,
+    statement_cache_capacity: usize,
 }
 
 /// What reads do when no replica is eligible (all down, open breakers, or
@@ -132,6 +135,8 @@ impl Default for ClusterBuilder {
             tcp_user_timeout: None,
             keepalives_idle: None,
             require_tls: false,
+            statement_mode: StatementMode::Cached,
+            statement_cache_capacity: 512,
         }
     }
 }
@@ -166,6 +171,8 @@ impl fmt::Debug for ClusterBuilder {
             .field("tcp_user_timeout", &self.tcp_user_timeout)
             .field("keepalives_idle", &self.keepalives_idle)
             .field("require_tls", &self.require_tls)
+            .field("statement_mode", &self.statement_mode)
+            .field("statement_cache_capacity", &self.statement_cache_capacity)
             .finish()
     }
 }
@@ -527,6 +534,21 @@ impl ClusterBuilder {
         self
     }
 
+    /// How parameterised operations reach the server; see [`StatementMode`].
+    /// A handle can differ per call ([`Cluster::with_statement_mode`](crate::Cluster::with_statement_mode)).
+    /// Defaults to [`StatementMode::Cached`].
+    pub fn statement_mode(mut self, mode: StatementMode) -> Self {
+        self.statement_mode = mode;
+        self
+    }
+
+    /// How many prepared statements each connection keeps (LRU; an evicted
+    /// one is closed on the server). 0 turns caching off. Defaults to 512.
+    pub fn statement_cache_capacity(mut self, n: usize) -> Self {
+        self.statement_cache_capacity = n;
+        self
+    }
+
     /// Captures the plan of statements slower than the capture's threshold,
     /// on a background worker (see [`PlanCapture`]). Defaults to off.
     pub fn capture_slow_plans(mut self, capture: PlanCapture) -> Self {
@@ -620,6 +642,8 @@ impl ClusterBuilder {
             #[cfg(feature = "prometheus")]
             prometheus: self.prometheus.clone(),
             require_tls: self.require_tls,
+            statement_mode: self.statement_mode,
+            statement_cache_capacity: self.statement_cache_capacity,
         })
     }
 
@@ -750,4 +774,6 @@ pub(crate) struct ClusterConfig {
     #[cfg(feature = "prometheus")]
     pub(crate) prometheus: Option<prometheus::Registry>,
     pub(crate) require_tls: bool,
+    pub(crate) statement_mode: StatementMode,
+    pub(crate) statement_cache_capacity: usize,
 }

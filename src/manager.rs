@@ -11,11 +11,14 @@ use postgres_native_tls::MakeTlsConnector;
 
 use crate::error::{Error, ErrorKind, NodeInfo, source_chain};
 use crate::hooks::{self, ConnectionEvent, DisconnectReason, Hooks};
+use crate::statements::StatementCache;
 use crate::sync::lock;
 
 /// A pooled connection: the driver's client plus what the pool needs to know.
 pub(crate) struct Conn {
     pub(crate) client: postgres::Client,
+    /// This connection's prepared statements.
+    pub(crate) statements: StatementCache,
     created: Instant,
     expires: Instant,
     returned: Instant,
@@ -45,6 +48,8 @@ pub(crate) struct Counters {
     pub(crate) closed_idle: AtomicU64,
     pub(crate) closed_broken: AtomicU64,
     pub(crate) validations: AtomicU64,
+    pub(crate) statements_prepared: AtomicU64,
+    pub(crate) statement_cache_hits: AtomicU64,
 }
 
 /// State shared by a node's manager and the node itself.
@@ -110,6 +115,7 @@ pub(crate) struct Manager {
     connector: Arc<Connector>,
     lifetime: Duration,
     jitter: Duration,
+    cache_capacity: usize,
     shared: Arc<PoolShared>,
 }
 
@@ -118,12 +124,14 @@ impl Manager {
         connector: Arc<Connector>,
         lifetime: Duration,
         jitter: Duration,
+        cache_capacity: usize,
         shared: Arc<PoolShared>,
     ) -> Self {
         Manager {
             connector,
             lifetime,
             jitter,
+            cache_capacity,
             shared,
         }
     }
@@ -177,6 +185,7 @@ impl r2d2::ManageConnection for Manager {
                 let now = Instant::now();
                 Ok(Conn {
                     client,
+                    statements: StatementCache::new(self.cache_capacity),
                     created: now,
                     expires: now + self.lifetime(),
                     returned: now,

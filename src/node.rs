@@ -15,10 +15,14 @@ use crate::breaker::{Breaker, BreakerConfig, BreakerState, Outcome, Transition};
 use crate::config::NodeConfig;
 use crate::deadline::{Armed, Watchdog};
 use crate::error::{Error, ErrorKind, NodeInfo, Result, RetryAfter};
+use crate::hooks::OperationKind;
 use crate::hooks::{self, ConnectionEvent, Hooks, NodeEvent};
-use crate::manager::{ConnectErrorLog, Connector, Manager, PoolShared, ReleaseCounter};
+use crate::manager::{Conn, ConnectErrorLog, Connector, Manager, PoolShared, ReleaseCounter};
+use crate::plans::Capture;
+use crate::statements::{self, Call, Output, StatementMode};
 use crate::stats::{NodeStats, PoolStats};
 use crate::sync::lock;
+use postgres::types::ToSql;
 
 /// How long the round trip that validates an idle connection may take.
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +49,7 @@ pub(crate) struct NodeOptions {
     pub(crate) leak_threshold: Option<Duration>,
     pub(crate) leak_backtrace: bool,
     pub(crate) watchdog: Arc<Watchdog>,
+    pub(crate) statement_cache_capacity: usize,
 }
 
 /// Connections checked out now, for leak detection (only when enabled).
@@ -200,6 +205,7 @@ impl Node {
             Arc::clone(&connector),
             pool.max_conn_lifetime,
             pool.max_conn_lifetime_jitter,
+            options.statement_cache_capacity,
             Arc::clone(&shared),
         );
         // Validated in `ClusterBuilder::resolve`: r2d2 asserts on zero sizes
@@ -634,6 +640,17 @@ impl Node {
         deadline: Option<Instant>,
         op: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
+        self.guarded_conn(conn, deadline, |c| op(&mut c.client))
+    }
+
+    /// [`guarded`](Self::guarded), with the whole pooled connection (its
+    /// statement cache too).
+    pub(crate) fn guarded_conn<T>(
+        &self,
+        conn: &mut Lease<'_>,
+        deadline: Option<Instant>,
+        op: impl FnOnce(&mut Conn) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
         if conn.client.is_closed() {
             conn.broken = true;
             return Err(Error::new(ErrorKind::Closed)
@@ -646,7 +663,7 @@ impl Node {
             self.watchdog
                 .arm(at, token, self.connector.tls.clone(), &self.info)
         });
-        let result = op(&mut conn.client);
+        let result = op(&mut conn.conn);
         if armed.is_some_and(Armed::disarm) {
             conn.broken = true;
             return result.map_err(|e| {
@@ -657,6 +674,95 @@ impl Node {
             });
         }
         result.map_err(|e| self.failed(conn, e))
+    }
+
+    /// Runs one parameterised statement on a checked-out connection in the
+    /// given mode, bounded by `deadline`; offers a slow one to plan capture.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn statement(
+        &self,
+        conn: &mut Lease<'_>,
+        deadline: Option<Instant>,
+        mode: StatementMode,
+        kind: OperationKind,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        call: Call,
+        plans: Option<&Capture>,
+    ) -> Result<Output> {
+        match mode {
+            StatementMode::Cached => {
+                let started = Instant::now();
+                let (output, statement, hit) = self.guarded_conn(conn, deadline, |c| {
+                    let Conn {
+                        client, statements, ..
+                    } = c;
+                    statements.run(client, sql, |client, statement| {
+                        call.run(client, statement, params)
+                    })
+                })?;
+                let counter = if hit {
+                    &self.shared.counters.statement_cache_hits
+                } else {
+                    &self.shared.counters.statements_prepared
+                };
+                counter.fetch_add(1, Relaxed);
+                if let Some(capture) = plans {
+                    let took = started.elapsed();
+                    if took > capture.threshold {
+                        capture.offer(&self.info, kind, &statement, sql, params, took);
+                    }
+                }
+                Ok(output)
+            }
+            StatementMode::Unnamed => {
+                let types = statements::infer_types(params).map_err(|n| {
+                    Error::config(format!(
+                        "statement_mode: cannot tell the type of parameter ${n} for an unnamed statement; \
+                         use with_primary and query_typed"
+                    ))
+                })?;
+                self.guarded(conn, deadline, |client| {
+                    call.run_unnamed(client, sql, params, &types)
+                })
+            }
+            StatementMode::Simple => {
+                if !params.is_empty() {
+                    return Err(Error::config(
+                        "statement_mode: the simple protocol takes no parameters ($1, ...)",
+                    ));
+                }
+                match call {
+                    Call::Execute => self.guarded(conn, deadline, |client| {
+                        statements::execute_simple(client, sql)
+                    }),
+                    Call::Query => Err(Error::config(
+                        "statement_mode: the simple protocol returns text rows, not postgres::Row; \
+                         use with_primary(|c| c.simple_query(..))",
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Admission, checkout and [`statement`](Self::statement) in one call.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_statement(
+        &self,
+        deadline: Option<Instant>,
+        mode: StatementMode,
+        kind: OperationKind,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        call: Call,
+        plans: Option<&Capture>,
+    ) -> Result<Output> {
+        let permit = self.admit()?;
+        let result = self.checkout_until(deadline).and_then(|mut conn| {
+            self.statement(&mut conn, deadline, mode, kind, sql, params, call, plans)
+        });
+        permit.finish(&result);
+        result
     }
 
     /// Refuses new connections from now on and closes every idle one; a
@@ -698,6 +804,8 @@ impl Node {
             closed_idle: c.closed_idle.load(Relaxed),
             closed_broken: c.closed_broken.load(Relaxed),
             validations: c.validations.load(Relaxed),
+            statements_prepared: c.statements_prepared.load(Relaxed),
+            statement_cache_hits: c.statement_cache_hits.load(Relaxed),
         }
     }
 

@@ -46,6 +46,10 @@ pub struct PoolStats {
     pub closed_broken: u64,
     /// Idle connections checked with a round trip before being handed out.
     pub validations: u64,
+    /// Statements prepared (statement cache misses, `StatementMode::Cached`).
+    pub statements_prepared: u64,
+    /// Executions that reused a cached prepared statement.
+    pub statement_cache_hits: u64,
 }
 
 impl PoolStats {

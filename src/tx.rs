@@ -14,6 +14,7 @@ use crate::hooks::{self, OperationKind, TransactionEvent, TransactionOutcome};
 use crate::node::{Lease, Node, Permit};
 use crate::retry::RetryPolicy;
 use crate::shutdown::InFlight;
+use crate::statements::{Call, Output};
 
 /// Isolation levels (PostgreSQL runs `READ UNCOMMITTED` as `READ COMMITTED`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -206,7 +207,7 @@ impl<'c> Transaction<'c> {
         sql: &str,
         params: Params<'_>,
         rows: impl Fn(&T) -> Option<u64>,
-        op: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
+        op: impl FnOnce(&mut Lease<'c>, Option<Instant>) -> Result<T>,
     ) -> Result<T> {
         self.check_usable()?;
         let mut conn = self.conn.try_borrow_mut().map_err(|_| {
@@ -222,7 +223,7 @@ impl<'c> Transaction<'c> {
             sql,
             params,
             rows,
-            || self.node.guarded(&mut conn, deadline, op),
+            || op(&mut conn, deadline),
         );
         if conn.broken {
             self.state.set(State::Broken);
@@ -234,50 +235,47 @@ impl<'c> Transaction<'c> {
         result
     }
 
+    /// A parameterised statement in the cluster's statement mode (cached by default).
+    fn statement(
+        &self,
+        kind: OperationKind,
+        sql: &str,
+        params: Params<'_>,
+        call: Call,
+    ) -> Result<Output> {
+        let (mode, plans) = (self.cluster.mode(), self.cluster.inner.plans());
+        let rows = |out: &Output| match out {
+            Output::Count(n) => Some(*n),
+            Output::Rows(r) => Some(r.len() as u64),
+        };
+        self.run(kind, sql, params, rows, |conn, deadline| {
+            self.node
+                .statement(conn, deadline, mode, kind, sql, params, call, plans)
+        })
+    }
+
     /// Runs a statement and returns the number of rows it affected.
     pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        self.run(
-            OperationKind::Execute,
-            sql,
-            params,
-            |n| Some(*n),
-            |c| c.execute(sql, params),
-        )
+        self.statement(OperationKind::Execute, sql, params, Call::Execute)
+            .map(Output::count)
     }
 
     /// Runs a query and returns all rows.
     pub fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        self.run(
-            OperationKind::Query,
-            sql,
-            params,
-            |r: &Vec<Row>| Some(r.len() as u64),
-            |c| c.query(sql, params),
-        )
+        self.statement(OperationKind::Query, sql, params, Call::Query)
+            .map(Output::rows)
     }
 
     /// Runs a query that must return exactly one row.
     pub fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        let rows = self.run(
-            OperationKind::QueryOne,
-            sql,
-            params,
-            |_| Some(1),
-            |c| c.query(sql, params),
-        )?;
-        exactly_one(rows, self.node)
+        let out = self.statement(OperationKind::QueryOne, sql, params, Call::Query)?;
+        exactly_one(out.rows(), self.node)
     }
 
     /// Runs a query that returns at most one row.
     pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        let rows = self.run(
-            OperationKind::QueryOpt,
-            sql,
-            params,
-            |_| None,
-            |c| c.query(sql, params),
-        )?;
-        at_most_one(rows, self.node)
+        let out = self.statement(OperationKind::QueryOpt, sql, params, Call::Query)?;
+        at_most_one(out.rows(), self.node)
     }
 
     /// Runs statements separated by semicolons (simple protocol, no parameters).
@@ -287,7 +285,7 @@ impl<'c> Transaction<'c> {
             sql,
             &[],
             |_| None,
-            |c| c.batch_execute(sql),
+            |conn, deadline| self.node.guarded(conn, deadline, |c| c.batch_execute(sql)),
         )
     }
 
@@ -297,7 +295,13 @@ impl<'c> Transaction<'c> {
         &self,
         f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
-        self.run(OperationKind::WithPrimary, "", &[], |_| None, f)
+        self.run(
+            OperationKind::WithPrimary,
+            "",
+            &[],
+            |_| None,
+            |conn, deadline| self.node.guarded(conn, deadline, f),
+        )
     }
 
     /// Runs `f` inside a savepoint: released when `f` returns `Ok`, rolled

@@ -32,6 +32,7 @@
 mod certs;
 mod error;
 mod node;
+mod pgbouncer;
 mod process;
 
 use std::fs;
@@ -44,6 +45,7 @@ use std::time::{Duration, Instant};
 pub use certs::TlsFiles;
 pub use error::Error;
 pub use node::LocalNode;
+pub use pgbouncer::PgBouncer;
 
 use process::Runner;
 
@@ -85,6 +87,7 @@ pub struct LocalCluster {
     timeout: Duration,
     tls: Option<TlsFiles>,
     password: Option<String>,
+    runner: Arc<Runner>,
 }
 
 impl LocalCluster {
@@ -138,6 +141,20 @@ impl LocalCluster {
     /// [`LocalClusterBuilder::password_auth`] (the DSNs carry it).
     pub fn password(&self) -> Option<&str> {
         self.password.as_deref()
+    }
+
+    /// Starts a PgBouncer in front of the primary, in `pool_mode`
+    /// (`session`, `transaction` or `statement`), trust authentication,
+    /// 4 server connections per database, on a free 127.0.0.1 port.
+    /// Needs the `pgbouncer` binary (Debian/Ubuntu package `pgbouncer`).
+    pub fn pgbouncer(&self, pool_mode: &str) -> Result<PgBouncer, Error> {
+        PgBouncer::start(
+            &self.runner,
+            self.dir.path(),
+            self.primary().port(),
+            pool_mode,
+            self.timeout,
+        )
     }
 
     /// The temporary directory that holds every node's data and log.
@@ -335,6 +352,7 @@ impl LocalClusterBuilder {
             timeout: self.timeout,
             tls,
             password,
+            runner: Arc::clone(&runner),
         };
 
         cluster.add_node("primary".to_owned(), ports[0], &runner);

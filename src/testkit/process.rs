@@ -126,7 +126,12 @@ impl Runner {
 
     /// A command for one of the server programs, with output appended to `log`.
     pub(crate) fn command(&self, program: &str, log: &Path) -> Result<Command, Error> {
-        let mut cmd = Command::new(self.bin_dir.join(program));
+        self.command_path(&self.bin_dir.join(program), log)
+    }
+
+    /// A command for the program at `path`, run like the server programs.
+    pub(crate) fn command_path(&self, path: &Path, log: &Path) -> Result<Command, Error> {
+        let mut cmd = Command::new(path);
         // libpq and the server read PG* variables; the cluster must not
         // depend on whatever the user's shell has set.
         for (key, _) in std::env::vars_os() {
