@@ -505,7 +505,7 @@ impl Cluster {
             |_| Some(1),
             |node, deadline| {
                 self.statement(kind, node, deadline, sql, params, Call::Query)
-                    .and_then(|out| exactly_one(out.rows(), node))
+                    .and_then(|out| exactly_one(out, node))
             },
         )
     }
@@ -523,7 +523,7 @@ impl Cluster {
         let kind = OperationKind::QueryOpt;
         self.on_primary(kind, sql, params, opt_count, |node, deadline| {
             self.statement(kind, node, deadline, sql, params, Call::Query)
-                .and_then(|out| at_most_one(out.rows(), node))
+                .and_then(|out| at_most_one(out, node))
         })
     }
 
@@ -577,7 +577,7 @@ impl Cluster {
             |_| Some(1),
             |node, deadline| {
                 self.statement(kind, node, deadline, sql, params, Call::Query)
-                    .and_then(|out| exactly_one(out.rows(), node))
+                    .and_then(|out| exactly_one(out, node))
             },
         )
     }
@@ -593,7 +593,7 @@ impl Cluster {
         let kind = OperationKind::ReadQueryOpt;
         self.read(kind, sql, params, opt_count, |node, deadline| {
             self.statement(kind, node, deadline, sql, params, Call::Query)
-                .and_then(|out| at_most_one(out.rows(), node))
+                .and_then(|out| at_most_one(out, node))
         })
     }
 
@@ -851,15 +851,14 @@ fn opt_count(row: &Option<Row>) -> Option<u64> {
     Some(u64::from(row.is_some()))
 }
 
-pub(crate) fn exactly_one(rows: Vec<Row>, node: &Node) -> Result<Row> {
-    at_most_one(rows, node)?.ok_or_else(|| Error::new(ErrorKind::NotFound).with_node(&node.info))
+pub(crate) fn exactly_one(out: Output, node: &Node) -> Result<Row> {
+    at_most_one(out, node)?.ok_or_else(|| Error::new(ErrorKind::NotFound).with_node(&node.info))
 }
 
-pub(crate) fn at_most_one(mut rows: Vec<Row>, node: &Node) -> Result<Option<Row>> {
-    if rows.len() > 1 {
-        return Err(Error::new(ErrorKind::TooManyRows)
+pub(crate) fn at_most_one(out: Output, node: &Node) -> Result<Option<Row>> {
+    out.opt().map_err(|()| {
+        Error::new(ErrorKind::TooManyRows)
             .with_node(&node.info)
-            .with_detail(format!("{} rows", rows.len())));
-    }
-    Ok(rows.pop())
+            .with_detail("more than one row")
+    })
 }

@@ -23,6 +23,9 @@ use crate::node::{Node, ProbeRecord};
 /// probe connection is also bounded by the node's connect timeout).
 pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a connection may stay parked for its thread unused.
+const UNPARK_AFTER: Duration = Duration::from_secs(1);
+
 const PRIMARY_PROBE: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END";
 
@@ -73,6 +76,11 @@ fn run(
         if leaks_only {
             inner.nodes().for_each(Node::check_leaks);
         } else {
+            // Connections parked for a thread that stopped using them go
+            // back to r2d2, whose reaper applies the idle timeout.
+            inner
+                .nodes()
+                .for_each(|node| node.unpark_older_than(UNPARK_AFTER));
             round(&inner, &mut probes);
         }
     }

@@ -244,10 +244,7 @@ impl<'c> Transaction<'c> {
         call: Call,
     ) -> Result<Output> {
         let (mode, plans) = (self.cluster.mode(), self.cluster.inner.plans());
-        let rows = |out: &Output| match out {
-            Output::Count(n) => Some(*n),
-            Output::Rows(r) => Some(r.len() as u64),
-        };
+        let rows = |out: &Output| Some(out.len());
         self.run(kind, sql, params, rows, |conn, deadline| {
             self.node
                 .statement(conn, deadline, mode, kind, sql, params, call, plans)
@@ -269,13 +266,13 @@ impl<'c> Transaction<'c> {
     /// Runs a query that must return exactly one row.
     pub fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
         let out = self.statement(OperationKind::QueryOne, sql, params, Call::Query)?;
-        exactly_one(out.rows(), self.node)
+        exactly_one(out, self.node)
     }
 
     /// Runs a query that returns at most one row.
     pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
         let out = self.statement(OperationKind::QueryOpt, sql, params, Call::Query)?;
-        at_most_one(out.rows(), self.node)
+        at_most_one(out, self.node)
     }
 
     /// Runs statements separated by semicolons (simple protocol, no parameters).

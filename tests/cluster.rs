@@ -454,3 +454,75 @@ fn lifetime_jitter_spreads_expiry() {
     );
     assert!(cluster.stats().primary().pool.closed_lifetime >= CONNS as u64);
 }
+
+#[test]
+fn each_thread_keeps_its_own_connection() {
+    const THREADS: usize = 4;
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::builder()
+        .primary(local.primary_dsn())
+        .max_conns(THREADS as u32)
+        .build()
+        .unwrap();
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let (cluster, barrier) = (cluster.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                (0..400)
+                    .map(|_| {
+                        cluster
+                            .query_one("SELECT pg_backend_pid()", &[])
+                            .unwrap()
+                            .get::<_, i32>(0)
+                    })
+                    .collect::<Vec<i32>>()
+            })
+        })
+        .collect();
+    for w in workers {
+        let pids = w.join().unwrap();
+        // After the start-up shuffle, a thread gets back the connection it used last.
+        let late: HashSet<i32> = pids[200..].iter().copied().collect();
+        assert_eq!(late.len(), 1, "a thread switched backends: {late:?}");
+    }
+}
+
+#[test]
+fn many_threads_share_few_connections_without_starving() {
+    const THREADS: usize = 64;
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::builder()
+        .primary(local.primary_dsn())
+        .max_conns(8)
+        .build()
+        .unwrap();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let cluster = cluster.clone();
+            thread::spawn(move || {
+                let mut worst = Duration::ZERO;
+                for _ in 0..100 {
+                    let started = Instant::now();
+                    cluster.execute("SELECT 1", &[]).unwrap();
+                    worst = worst.max(started.elapsed());
+                }
+                worst
+            })
+        })
+        .collect();
+    let worst = workers
+        .into_iter()
+        .map(|w| w.join().unwrap())
+        .max()
+        .unwrap();
+    let stats = cluster.stats().primary().pool.clone();
+    assert_eq!(stats.checkout_timeouts, 0);
+    assert_eq!(stats.acquire_count, (THREADS * 100) as u64);
+    assert!(stats.total_conns <= 8);
+    assert!(
+        worst < Duration::from_secs(2),
+        "a thread waited {worst:?} for one operation"
+    );
+}

@@ -244,6 +244,9 @@ fn an_on_connect_error_rejects_the_connection() {
 
 #[test]
 fn a_panicking_hook_is_contained() {
+    logs();
+    let releases = Arc::new(AtomicUsize::new(0));
+    let r = releases.clone();
     let local = LocalCluster::start(0).unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let (c1, c2) = (calls.clone(), calls.clone());
@@ -261,7 +264,12 @@ fn a_panicking_hook_is_contained() {
             }
             Ok(())
         })
-        .on_release(|_| panic!("on_release always panics"))
+        .on_release(move |_| {
+            // Panics on the first three releases (fewer backtraces in CI logs).
+            if r.fetch_add(1, Ordering::SeqCst) < 3 {
+                panic!("on_release panics");
+            }
+        })
         .build()
         .unwrap();
     let err = cluster.execute("SELECT 1", &[]).unwrap_err();

@@ -1,0 +1,464 @@
+//! Side-by-side benchmark: pgxkit against the baselines a user would
+//! otherwise have, measured in the same run on the same server.
+//!
+//! ```sh
+//! cargo run --release --example bench                       # full: 4 thread counts, 3 rounds, 2 s each
+//! cargo run --release --example bench -- --secs 1 --rounds 1 # quick look
+//! cargo run --release --example bench -- --callgrind         # client instructions per query
+//! ```
+//!
+//! Clients, each with one connection per thread at most:
+//! - `prepared`: a `postgres::Client` per thread with a prepared statement
+//!   (the driver's ceiling);
+//! - `r2d2`: raw `r2d2_postgres` with default settings and `conn.query(sql)`
+//!   (what a user writes without us; it pings on every checkout);
+//! - `pgxkit`: a `Cluster` with default settings (max_conns 8), primary;
+//! - `pgxkit+hook`: the same with one trivial `after_operation` hook;
+//! - `pgxkit-reads`: `read_query_one` over two replicas;
+//! - `pgbench`: `pgbench -M prepared` with the same query (libpq's ceiling).
+//!
+//! Queries: `SELECT $1::int`, and a point lookup by primary key on a
+//! 100,000-row table. Each cell is the median of the rounds; ratios are
+//! medians of the per-round ratios. The machine is shared and noisy: read
+//! ratios, not absolute numbers.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use pgxkit::Cluster;
+use pgxkit::testkit::LocalCluster;
+use postgres::NoTls;
+
+type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Client {
+    Prepared,
+    R2d2,
+    Pgxkit,
+    PgxkitHook,
+    PgxkitReads,
+    Pgbench,
+}
+
+const CLIENTS: [Client; 6] = [
+    Client::Prepared,
+    Client::R2d2,
+    Client::Pgxkit,
+    Client::PgxkitHook,
+    Client::PgxkitReads,
+    Client::Pgbench,
+];
+
+impl Client {
+    fn name(self) -> &'static str {
+        match self {
+            Client::Prepared => "prepared",
+            Client::R2d2 => "r2d2",
+            Client::Pgxkit => "pgxkit",
+            Client::PgxkitHook => "pgxkit+hook",
+            Client::PgxkitReads => "pgxkit-reads",
+            Client::Pgbench => "pgbench",
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Query {
+    Select1,
+    PointLookup,
+}
+
+impl Query {
+    fn sql(self) -> &'static str {
+        match self {
+            Query::Select1 => "SELECT $1::int",
+            Query::PointLookup => "SELECT v FROM bench WHERE id = $1",
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Query::Select1 => "SELECT $1::int",
+            Query::PointLookup => "point lookup (100k rows)",
+        }
+    }
+    fn pgbench_script(self) -> &'static str {
+        match self {
+            Query::Select1 => "\\set v random(1, 100000)\nSELECT :v::int;\n",
+            Query::PointLookup => {
+                "\\set id random(1, 100000)\nSELECT v FROM bench WHERE id = :id;\n"
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Cell {
+    qps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+struct Setup {
+    primary: String,
+    replicas: Vec<String>,
+    port: u16,
+    pgbench: Option<std::path::PathBuf>,
+}
+
+fn main() -> Result<(), AnyError> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--loop") {
+        return loop_for_callgrind(&args[2], args[3].parse()?);
+    }
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let secs: f64 = value("--secs").map_or(Ok(2.0), |v| v.parse())?;
+    let rounds: usize = value("--rounds").map_or(Ok(3), |v| v.parse())?;
+    let threads: Vec<usize> = value("--threads")
+        .unwrap_or_else(|| "1,2,4,8".into())
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+
+    let local = LocalCluster::builder()
+        .replicas(2)
+        .setting("max_connections", "300")
+        .setting("shared_buffers", "'128MB'")
+        .start()?;
+    let setup = Setup {
+        primary: local.primary_dsn(),
+        replicas: local.replica_dsns(),
+        port: local.primary().port(),
+        pgbench: Some(std::path::Path::new(&pgbench_path()).to_path_buf()).filter(|p| p.exists()),
+    };
+    let mut admin = local.primary().client()?;
+    admin.batch_execute(
+        "CREATE TABLE bench (id int PRIMARY KEY, v text NOT NULL);
+         INSERT INTO bench SELECT i, md5(i::text) FROM generate_series(1, 100000) i;",
+    )?;
+    admin.batch_execute("VACUUM ANALYZE bench")?;
+    local.wait_for_replicas_caught_up(Duration::from_secs(60))?;
+
+    if args.iter().any(|a| a == "--callgrind") {
+        return callgrind(&setup);
+    }
+
+    println!(
+        "pgxkit benchmark: {} round(s) of {secs} s per cell, threads {threads:?}, server on loopback",
+        rounds
+    );
+    for query in [Query::Select1, Query::PointLookup] {
+        println!("\n## {}\n", query.name());
+        println!(
+            "| threads | client | queries/s | p50 µs | p99 µs | × prepared | × r2d2 | × pgbench |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for &t in &threads {
+            // rounds × clients, interleaved so that noise spreads over all.
+            let mut cells: Vec<Vec<Cell>> = vec![Vec::new(); CLIENTS.len()];
+            for _ in 0..rounds {
+                for (i, &client) in CLIENTS.iter().enumerate() {
+                    if client == Client::Pgbench && setup.pgbench.is_none() {
+                        continue;
+                    }
+                    cells[i].push(run(
+                        &setup,
+                        client,
+                        query,
+                        t,
+                        Duration::from_secs_f64(secs),
+                    )?);
+                }
+            }
+            let ratio = |i: usize, base: usize| -> String {
+                let r: Vec<f64> = cells[i]
+                    .iter()
+                    .zip(&cells[base])
+                    .map(|(a, b)| a.qps / b.qps)
+                    .collect();
+                if r.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{:.2}", median(r))
+                }
+            };
+            for (i, client) in CLIENTS.iter().enumerate() {
+                if cells[i].is_empty() {
+                    continue;
+                }
+                let qps = median(cells[i].iter().map(|c| c.qps).collect());
+                let p50 = median(cells[i].iter().map(|c| c.p50_us).collect());
+                let p99 = median(cells[i].iter().map(|c| c.p99_us).collect());
+                let lat = |v: f64| {
+                    if v > 0.0 {
+                        format!("{v:.0}")
+                    } else {
+                        "-".into()
+                    }
+                };
+                println!(
+                    "| {t} | {} | {qps:.0} | {} | {} | {} | {} | {} |",
+                    client.name(),
+                    lat(p50),
+                    lat(p99),
+                    ratio(i, 0),
+                    ratio(i, 1),
+                    ratio(i, 5),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn pgbench_path() -> String {
+    Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .map(|o| format!("{}/pgbench", String::from_utf8_lossy(&o.stdout).trim()))
+        .unwrap_or_else(|| "/usr/lib/postgresql/15/bin/pgbench".into())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Runs `threads` workers of `client` for `dur`; queries/s and latency percentiles.
+fn run(
+    setup: &Setup,
+    client: Client,
+    query: Query,
+    threads: usize,
+    dur: Duration,
+) -> Result<Cell, AnyError> {
+    if client == Client::Pgbench {
+        return pgbench(setup, query, threads, dur);
+    }
+    let cluster = match client {
+        Client::Pgxkit | Client::PgxkitHook | Client::PgxkitReads => {
+            let mut b = Cluster::builder().primary(&setup.primary).max_conns(8);
+            for r in &setup.replicas {
+                b = b.replica(r.clone());
+            }
+            if client == Client::PgxkitHook {
+                b = b.after_operation(|op| {
+                    std::hint::black_box(op.duration());
+                    Ok(())
+                });
+            }
+            Some(b.build()?)
+        }
+        _ => None,
+    };
+    let r2d2 = if client == Client::R2d2 {
+        let manager = r2d2_postgres::PostgresConnectionManager::new(setup.primary.parse()?, NoTls);
+        Some(r2d2::Pool::new(manager)?)
+    } else {
+        None
+    };
+    let start = Arc::new(Barrier::new(threads + 1));
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let (cluster, r2d2, start) = (cluster.clone(), r2d2.clone(), Arc::clone(&start));
+            let primary = setup.primary.clone();
+            std::thread::spawn(move || -> Result<Vec<u32>, AnyError> {
+                let sql = query.sql();
+                let mut direct = match client {
+                    Client::Prepared => {
+                        let mut c: postgres::Client =
+                            primary.parse::<postgres::Config>()?.connect(NoTls)?;
+                        let stmt = c.prepare(sql)?;
+                        Some((c, stmt))
+                    }
+                    _ => None,
+                };
+                // Warm up: connections open, statements prepared.
+                let mut id = 1 + (t as i32 * 7919) % 100_000;
+                let mut one = |id: i32| -> Result<(), AnyError> {
+                    match client {
+                        Client::Prepared => {
+                            let (c, stmt) = direct.as_mut().ok_or("no client")?;
+                            c.query_one(&*stmt, &[&id])?;
+                        }
+                        Client::R2d2 => {
+                            let mut conn = r2d2.as_ref().ok_or("no pool")?.get()?;
+                            conn.query(sql, &[&id])?;
+                        }
+                        Client::Pgxkit | Client::PgxkitHook => {
+                            cluster
+                                .as_ref()
+                                .ok_or("no cluster")?
+                                .query_one(sql, &[&id])?;
+                        }
+                        Client::PgxkitReads => {
+                            cluster
+                                .as_ref()
+                                .ok_or("no cluster")?
+                                .read_query_one(sql, &[&id])?;
+                        }
+                        Client::Pgbench => {}
+                    }
+                    Ok(())
+                };
+                for _ in 0..50 {
+                    one(id)?;
+                }
+                start.wait();
+                let until = Instant::now() + dur;
+                let mut lat = Vec::with_capacity(100_000);
+                loop {
+                    let t0 = Instant::now();
+                    if t0 >= until {
+                        break;
+                    }
+                    id = id % 100_000 + 1;
+                    one(id)?;
+                    lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    start.wait();
+    let began = Instant::now();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.join().map_err(|_| "worker panicked")??);
+    }
+    let elapsed = began.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    Ok(Cell {
+        qps: all.len() as f64 / elapsed,
+        p50_us: f64::from(pct(0.50)),
+        p99_us: f64::from(pct(0.99)),
+    })
+}
+
+fn pgbench(setup: &Setup, query: Query, threads: usize, dur: Duration) -> Result<Cell, AnyError> {
+    let script = std::env::temp_dir().join(format!("pgxkit-bench-{}.sql", std::process::id()));
+    std::fs::write(&script, query.pgbench_script())?;
+    let out = Command::new(setup.pgbench.as_ref().ok_or("no pgbench")?)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &setup.port.to_string(),
+            "-U",
+            "postgres",
+            "-n",
+            "-M",
+            "prepared",
+        ])
+        .args(["-c", &threads.to_string(), "-j", &threads.to_string()])
+        .args(["-T", &format!("{}", dur.as_secs().max(1))])
+        .arg("-f")
+        .arg(&script)
+        .arg("postgres")
+        .output()?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tps = text
+        .lines()
+        .find(|l| l.starts_with("tps ="))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| {
+            format!(
+                "no tps in pgbench output: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    Ok(Cell {
+        qps: tps,
+        ..Cell::default()
+    })
+}
+
+/// `--loop CLIENT N`: N queries on one thread against `PGXKIT_BENCH_DSN`,
+/// for callgrind (nothing else runs in the process meanwhile).
+fn loop_for_callgrind(client: &str, n: u32) -> Result<(), AnyError> {
+    let dsn = std::env::var("PGXKIT_BENCH_DSN")?;
+    match client {
+        "prepared" => {
+            let mut c: postgres::Client = dsn.parse::<postgres::Config>()?.connect(NoTls)?;
+            let stmt = c.prepare("SELECT $1::int")?;
+            for i in 0..n as i32 {
+                c.query_one(&stmt, &[&i])?;
+            }
+        }
+        "pgxkit" => {
+            let cluster = Cluster::builder()
+                .primary(dsn)
+                .health_check_period(Duration::from_secs(86_400))
+                .build()?;
+            for i in 0..n as i32 {
+                cluster.query_one("SELECT $1::int", &[&i])?;
+            }
+        }
+        other => return Err(format!("unknown client {other}").into()),
+    }
+    Ok(())
+}
+
+/// Client instructions per query, from two callgrind runs of different
+/// lengths (the difference cancels start-up costs).
+fn callgrind(setup: &Setup) -> Result<(), AnyError> {
+    let exe = std::env::current_exe()?;
+    let (short, long) = (2_000u32, 12_000u32);
+    let mut per_query = Vec::new();
+    for client in ["prepared", "pgxkit"] {
+        let mut totals = Vec::new();
+        for n in [short, long] {
+            let out_file = std::env::temp_dir().join(format!("pgxkit-callgrind-{client}-{n}.out"));
+            let status = Command::new("valgrind")
+                .arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", out_file.display()))
+                .arg(&exe)
+                .args(["--loop", client, &n.to_string()])
+                .env("PGXKIT_BENCH_DSN", &setup.primary)
+                .stderr(std::process::Stdio::null())
+                .status()?;
+            if !status.success() {
+                return Err(format!("valgrind failed for {client} {n}").into());
+            }
+            let text = std::fs::read_to_string(&out_file)?;
+            let _ = std::fs::remove_file(&out_file);
+            let total: u64 = text
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("summary:")
+                        .or_else(|| l.strip_prefix("totals:"))
+                })
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .ok_or("no totals in the callgrind output")?;
+            totals.push(total);
+        }
+        let per = (totals[1] - totals[0]) as f64 / f64::from(long - short);
+        println!("{client}: {per:.0} instructions per query (callgrind, whole process)");
+        per_query.push(per);
+    }
+    println!(
+        "pgxkit / prepared postgres::Client: {:.2}x",
+        per_query[1] / per_query[0]
+    );
+    Ok(())
+}
