@@ -404,11 +404,17 @@ fn loop_for_callgrind(client: &str, n: u32) -> Result<(), AnyError> {
                 c.query_one(&stmt, &[&i])?;
             }
         }
-        "pgxkit" => {
-            let cluster = Cluster::builder()
+        "pgxkit" | "pgxkit-hook" => {
+            let mut builder = Cluster::builder()
                 .primary(dsn)
-                .health_check_period(Duration::from_secs(86_400))
-                .build()?;
+                .health_check_period(Duration::from_secs(86_400));
+            if client == "pgxkit-hook" {
+                builder = builder.after_operation(|op| {
+                    std::hint::black_box(op.duration());
+                    Ok(())
+                });
+            }
+            let cluster = builder.build()?;
             for i in 0..n as i32 {
                 cluster.query_one("SELECT $1::int", &[&i])?;
             }
@@ -424,7 +430,7 @@ fn callgrind(setup: &Setup) -> Result<(), AnyError> {
     let exe = std::env::current_exe()?;
     let (short, long) = (2_000u32, 12_000u32);
     let mut per_query = Vec::new();
-    for client in ["prepared", "pgxkit"] {
+    for client in ["prepared", "pgxkit", "pgxkit-hook"] {
         let mut totals = Vec::new();
         for n in [short, long] {
             let out_file = std::env::temp_dir().join(format!("pgxkit-callgrind-{client}-{n}.out"));
@@ -457,8 +463,12 @@ fn callgrind(setup: &Setup) -> Result<(), AnyError> {
         per_query.push(per);
     }
     println!(
-        "pgxkit / prepared postgres::Client: {:.2}x",
+        "pgxkit / prepared postgres::Client: {:.3}x",
         per_query[1] / per_query[0]
+    );
+    println!(
+        "one trivial after_operation hook: {:+.1}% instructions per query",
+        (per_query[2] / per_query[1] - 1.0) * 100.0
     );
     Ok(())
 }
