@@ -18,7 +18,7 @@ use crate::error::{Error, ErrorKind, Result, Role};
 use crate::health::{self, HealthReport, NodeHealth};
 use crate::hooks::{self, Hooks, OperationKind, ShutdownEvent};
 use crate::monitor;
-use crate::node::{Node, NodeOptions};
+use crate::node::{Node, NodeOptions, Stmt};
 use crate::plans::{self, Capture};
 use crate::shutdown::{InFlight, Lifecycle, ShutdownReport};
 use crate::statements::{Call, Output, StatementMode};
@@ -440,12 +440,14 @@ impl Cluster {
     ) -> Result<Output> {
         node.run_statement(
             deadline,
-            self.mode(),
-            kind,
-            sql,
-            params,
-            call,
-            self.inner.plans(),
+            &Stmt {
+                mode: self.mode(),
+                kind,
+                sql,
+                params,
+                call,
+                plans: self.inner.plans(),
+            },
         )
     }
 

@@ -40,6 +40,17 @@ const UNKNOWN: u64 = u64::MAX;
 const UTILIZATION_WARN_TENTHS: u32 = 9;
 const UTILIZATION_CLEAR_TENTHS: u32 = 8;
 
+/// One parameterised statement to run: how, what, and where slow ones go.
+#[derive(Clone, Copy)]
+pub(crate) struct Stmt<'a> {
+    pub(crate) mode: StatementMode,
+    pub(crate) kind: OperationKind,
+    pub(crate) sql: &'a str,
+    pub(crate) params: &'a [&'a (dyn ToSql + Sync)],
+    pub(crate) call: Call,
+    pub(crate) plans: Option<&'a Capture>,
+}
+
 /// Cluster-wide settings every node uses.
 #[derive(Debug, Clone)]
 pub(crate) struct NodeOptions {
@@ -713,20 +724,22 @@ impl Node {
         result.map_err(|e| self.failed(conn, e))
     }
 
-    /// Runs one parameterised statement on a checked-out connection in the
-    /// given mode, bounded by `deadline`; offers a slow one to plan capture.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs one parameterised statement on a checked-out connection,
+    /// bounded by `deadline`; offers a slow one to plan capture.
     pub(crate) fn statement(
         &self,
         conn: &mut Lease<'_>,
         deadline: Option<Instant>,
-        mode: StatementMode,
-        kind: OperationKind,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        call: Call,
-        plans: Option<&Capture>,
+        stmt: &Stmt<'_>,
     ) -> Result<Output> {
+        let Stmt {
+            mode,
+            kind,
+            sql,
+            params,
+            call,
+            plans,
+        } = *stmt;
         match mode {
             StatementMode::Cached => {
                 let started = plans.map(|_| Instant::now());
@@ -783,21 +796,15 @@ impl Node {
     }
 
     /// Admission, checkout and [`statement`](Self::statement) in one call.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_statement(
         &self,
         deadline: Option<Instant>,
-        mode: StatementMode,
-        kind: OperationKind,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        call: Call,
-        plans: Option<&Capture>,
+        stmt: &Stmt<'_>,
     ) -> Result<Output> {
         let permit = self.admit()?;
-        let result = self.checkout_until(deadline).and_then(|mut conn| {
-            self.statement(&mut conn, deadline, mode, kind, sql, params, call, plans)
-        });
+        let result = self
+            .checkout_until(deadline)
+            .and_then(|mut conn| self.statement(&mut conn, deadline, stmt));
         permit.finish(&result);
         result
     }

@@ -11,7 +11,7 @@ use postgres::Row;
 use crate::cluster::{Cluster, Params, at_most_one, exactly_one};
 use crate::error::{Error, ErrorKind, NodeInfo, Result};
 use crate::hooks::{self, OperationKind, TransactionEvent, TransactionOutcome};
-use crate::node::{Lease, Node, Permit};
+use crate::node::{Lease, Node, Permit, Stmt};
 use crate::retry::RetryPolicy;
 use crate::shutdown::InFlight;
 use crate::statements::{Call, Output};
@@ -246,8 +246,18 @@ impl<'c> Transaction<'c> {
         let (mode, plans) = (self.cluster.mode(), self.cluster.inner.plans());
         let rows = |out: &Output| Some(out.len());
         self.run(kind, sql, params, rows, |conn, deadline| {
-            self.node
-                .statement(conn, deadline, mode, kind, sql, params, call, plans)
+            self.node.statement(
+                conn,
+                deadline,
+                &Stmt {
+                    mode,
+                    kind,
+                    sql,
+                    params,
+                    call,
+                    plans,
+                },
+            )
         })
     }
 
