@@ -58,7 +58,19 @@ fn unnamed_statements_work_through_pgbouncer_in_transaction_mode() {
         return;
     }
     let local = LocalCluster::start(0).unwrap();
-    let bouncer = local.pgbouncer("transaction").unwrap();
+    let bouncer = match local.pgbouncer("transaction") {
+        Ok(b) => b,
+        // The README's test command needs only the PostgreSQL server package;
+        // .ci/run installs pgbouncer and sets PGXKIT_REQUIRE_PGBOUNCER=1.
+        Err(e)
+            if e.to_string().contains("no pgbouncer binary")
+                && std::env::var_os("PGXKIT_REQUIRE_PGBOUNCER").is_none() =>
+        {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
     let other = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
