@@ -428,6 +428,25 @@ impl Cluster {
         }
     }
 
+    /// A statement as this handle runs it: its statement mode, the
+    /// cluster's plan capture.
+    pub(crate) fn stmt<'a>(
+        &'a self,
+        kind: OperationKind,
+        sql: &'a str,
+        params: Params<'a>,
+        call: Call,
+    ) -> Stmt<'a> {
+        Stmt {
+            mode: self.mode(),
+            kind,
+            sql,
+            params,
+            call,
+            plans: self.inner.plans(),
+        }
+    }
+
     /// Runs a parameterised statement on `node` in this handle's statement mode.
     fn statement(
         &self,
@@ -438,17 +457,7 @@ impl Cluster {
         params: Params<'_>,
         call: Call,
     ) -> Result<Output> {
-        node.run_statement(
-            deadline,
-            &Stmt {
-                mode: self.mode(),
-                kind,
-                sql,
-                params,
-                call,
-                plans: self.inner.plans(),
-            },
-        )
+        node.run_statement(deadline, &self.stmt(kind, sql, params, call))
     }
 
     /// Runs a statement on the primary and returns the number of rows it

@@ -11,7 +11,7 @@ use postgres::Row;
 use crate::cluster::{Cluster, Params, at_most_one, exactly_one};
 use crate::error::{Error, ErrorKind, NodeInfo, Result};
 use crate::hooks::{self, OperationKind, TransactionEvent, TransactionOutcome};
-use crate::node::{Lease, Node, Permit, Stmt};
+use crate::node::{Lease, Node, Permit};
 use crate::retry::RetryPolicy;
 use crate::shutdown::InFlight;
 use crate::statements::{Call, Output};
@@ -243,21 +243,10 @@ impl<'c> Transaction<'c> {
         params: Params<'_>,
         call: Call,
     ) -> Result<Output> {
-        let (mode, plans) = (self.cluster.mode(), self.cluster.inner.plans());
+        let stmt = self.cluster.stmt(kind, sql, params, call);
         let rows = |out: &Output| Some(out.len());
         self.run(kind, sql, params, rows, |conn, deadline| {
-            self.node.statement(
-                conn,
-                deadline,
-                &Stmt {
-                    mode,
-                    kind,
-                    sql,
-                    params,
-                    call,
-                    plans,
-                },
-            )
+            self.node.statement(conn, deadline, &stmt)
         })
     }
 
