@@ -5,6 +5,7 @@
 //! cargo run --release --example bench                       # full: 4 thread counts, 3 rounds, 2 s each
 //! cargo run --release --example bench -- --secs 1 --rounds 1 # quick look
 //! cargo run --release --example bench -- --callgrind         # client instructions per query
+//! cargo run --release --example bench -- --clients pgxkit,pgxkit-reads --threads 4,8
 //! ```
 //!
 //! Clients, each with one connection per thread at most:
@@ -14,8 +15,17 @@
 //!   (what a user writes without us; it pings on every checkout);
 //! - `pgxkit`: a `Cluster` with default settings (max_conns 8), primary;
 //! - `pgxkit+hook`: the same with one trivial `after_operation` hook;
-//! - `pgxkit-reads`: `read_query_one` over two replicas;
+//! - `pgxkit-reads`: `read_query_one` over two replicas (default
+//!   `ReadBalance::PerThread`);
+//! - `pgxkit-reads-percall`: the same with `ReadBalance::PerCall`;
+//! - `pgxkit-read1`: `read_query_one` with one replica configured (reads
+//!   from one node; the other replica still runs, so both layouts have the
+//!   same server processes);
 //! - `pgbench`: `pgbench -M prepared` with the same query (libpq's ceiling).
+//!
+//! Ratios: `× pgxkit` is against pgxkit on the primary, `× read1` against
+//! reads from one replica. `--clients a,b` runs only those clients (ratios to
+//! clients left out print as `-`).
 //!
 //! Queries: `SELECT $1::int`, and a point lookup by primary key on a
 //! 100,000-row table. Each cell is the median of the rounds; ratios are
@@ -40,15 +50,19 @@ enum Client {
     Pgxkit,
     PgxkitHook,
     PgxkitReads,
+    PgxkitReadsPerCall,
+    PgxkitRead1,
     Pgbench,
 }
 
-const CLIENTS: [Client; 6] = [
+const CLIENTS: [Client; 8] = [
     Client::Prepared,
     Client::R2d2,
     Client::Pgxkit,
     Client::PgxkitHook,
     Client::PgxkitReads,
+    Client::PgxkitReadsPerCall,
+    Client::PgxkitRead1,
     Client::Pgbench,
 ];
 
@@ -60,6 +74,8 @@ impl Client {
             Client::Pgxkit => "pgxkit",
             Client::PgxkitHook => "pgxkit+hook",
             Client::PgxkitReads => "pgxkit-reads",
+            Client::PgxkitReadsPerCall => "pgxkit-reads-percall",
+            Client::PgxkitRead1 => "pgxkit-read1",
             Client::Pgbench => "pgbench",
         }
     }
@@ -126,6 +142,19 @@ fn main() -> Result<(), AnyError> {
         .split(',')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
+    let only: Option<Vec<String>> =
+        value("--clients").map(|v| v.split(',').map(str::to_owned).collect());
+    if let Some(names) = &only {
+        for name in names {
+            if !CLIENTS.iter().any(|c| c.name() == name) {
+                return Err(format!("--clients: unknown client {name:?}").into());
+            }
+        }
+    }
+    let wanted = |c: Client| {
+        only.as_ref()
+            .is_none_or(|v| v.iter().any(|n| n == c.name()))
+    };
 
     let local = LocalCluster::builder()
         .replicas(2)
@@ -157,15 +186,15 @@ fn main() -> Result<(), AnyError> {
     for query in [Query::Select1, Query::PointLookup] {
         println!("\n## {}\n", query.name());
         println!(
-            "| threads | client | queries/s | p50 µs | p99 µs | × prepared | × r2d2 | × pgbench |"
+            "| threads | client | queries/s | p50 µs | p99 µs | × prepared | × r2d2 | × pgxkit | × read1 | × pgbench |"
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         for &t in &threads {
             // rounds × clients, interleaved so that noise spreads over all.
             let mut cells: Vec<Vec<Cell>> = vec![Vec::new(); CLIENTS.len()];
             for _ in 0..rounds {
                 for (i, &client) in CLIENTS.iter().enumerate() {
-                    if client == Client::Pgbench && setup.pgbench.is_none() {
+                    if !wanted(client) || client == Client::Pgbench && setup.pgbench.is_none() {
                         continue;
                     }
                     cells[i].push(run(
@@ -177,7 +206,8 @@ fn main() -> Result<(), AnyError> {
                     )?);
                 }
             }
-            let ratio = |i: usize, base: usize| -> String {
+            let ratio = |i: usize, base: Client| -> String {
+                let base = CLIENTS.iter().position(|&c| c == base).unwrap_or(i);
                 let r: Vec<f64> = cells[i]
                     .iter()
                     .zip(&cells[base])
@@ -204,13 +234,15 @@ fn main() -> Result<(), AnyError> {
                     }
                 };
                 println!(
-                    "| {t} | {} | {qps:.0} | {} | {} | {} | {} | {} |",
+                    "| {t} | {} | {qps:.0} | {} | {} | {} | {} | {} | {} | {} |",
                     client.name(),
                     lat(p50),
                     lat(p99),
-                    ratio(i, 0),
-                    ratio(i, 1),
-                    ratio(i, 5),
+                    ratio(i, Client::Prepared),
+                    ratio(i, Client::R2d2),
+                    ratio(i, Client::Pgxkit),
+                    ratio(i, Client::PgxkitRead1),
+                    ratio(i, Client::Pgbench),
                 );
             }
         }
@@ -248,10 +280,22 @@ fn run(
         return pgbench(setup, query, threads, dur);
     }
     let cluster = match client {
-        Client::Pgxkit | Client::PgxkitHook | Client::PgxkitReads => {
+        Client::Pgxkit
+        | Client::PgxkitHook
+        | Client::PgxkitReads
+        | Client::PgxkitReadsPerCall
+        | Client::PgxkitRead1 => {
             let mut b = Cluster::builder().primary(&setup.primary).max_conns(8);
-            for r in &setup.replicas {
+            let replicas = if client == Client::PgxkitRead1 {
+                1
+            } else {
+                setup.replicas.len()
+            };
+            for r in setup.replicas.iter().take(replicas) {
                 b = b.replica(r.clone());
+            }
+            if client == Client::PgxkitReadsPerCall {
+                b = b.read_balance(pgxkit::ReadBalance::PerCall);
             }
             if client == Client::PgxkitHook {
                 b = b.after_operation(|op| {
@@ -303,7 +347,7 @@ fn run(
                                 .ok_or("no cluster")?
                                 .query_one(sql, &[&id])?;
                         }
-                        Client::PgxkitReads => {
+                        Client::PgxkitReads | Client::PgxkitReadsPerCall | Client::PgxkitRead1 => {
                             cluster
                                 .as_ref()
                                 .ok_or("no cluster")?

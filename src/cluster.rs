@@ -1,6 +1,7 @@
 //! `Cluster`: the public operations, routing writes to the primary and reads
-//! round-robin over the eligible replicas, each operation counted in flight
-//! (for graceful shutdown), wrapped in the hooks and bounded by its deadline.
+//! over the eligible replicas (see [`ReadBalance`](crate::ReadBalance)), each
+//! operation counted in flight (for graceful shutdown), wrapped in the hooks
+//! and bounded by its deadline.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -11,7 +12,7 @@ use postgres::Row;
 use postgres::types::ToSql;
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
-use crate::balancer::RoundRobin;
+use crate::balancer::Balancer;
 use crate::config::{ClusterBuilder, ClusterConfig, ReadFallback};
 use crate::deadline::Watchdog;
 use crate::error::{Error, ErrorKind, Result, Role};
@@ -40,8 +41,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// it into every thread. Writes and every operation not marked as a read
 /// (`execute`, `query`, `query_one`, `query_opt`, `batch_execute`,
 /// `with_primary`, transactions) go to the primary; the `read_*` family,
-/// `with_replica` and `read_transaction` go to the replicas, round-robin over
-/// the eligible ones, and to the primary when there are none.
+/// `with_replica` and `read_transaction` go to the eligible replicas (each
+/// thread stays on one, the threads spread round-robin; see
+/// [`ReadBalance`](crate::ReadBalance)), and to the primary when there are
+/// none.
 ///
 /// Every method blocks the calling thread: first to check out a connection
 /// (bounded by [`checkout_timeout`](ClusterBuilder::checkout_timeout)), then
@@ -73,7 +76,7 @@ pub struct Cluster {
 pub(crate) struct Inner {
     primary: Node,
     replicas: Vec<Node>,
-    balancer: RoundRobin,
+    balancer: Balancer,
     max_replica_lag: Option<Duration>,
     max_replica_lag_bytes: Option<u64>,
     read_fallback: ReadFallback,
@@ -231,7 +234,7 @@ impl Cluster {
         let inner = Arc::new(Inner {
             primary,
             replicas,
-            balancer: RoundRobin::default(),
+            balancer: Balancer::new(config.read_balance),
             max_replica_lag: config.max_replica_lag,
             max_replica_lag_bytes: config.max_replica_lag_bytes,
             read_fallback: config.read_fallback,
@@ -556,7 +559,8 @@ impl Cluster {
         )
     }
 
-    /// Runs a query on the next replica (round-robin) and returns all rows.
+    /// Runs a query on a replica (this thread's, see
+    /// [`ReadBalance`](crate::ReadBalance)) and returns all rows.
     /// With no replica up, it runs on the primary.
     ///
     /// ```no_run

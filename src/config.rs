@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use postgres_native_tls::MakeTlsConnector;
 
+use crate::balancer::ReadBalance;
 use crate::breaker::BreakerConfig;
 use crate::cluster::Cluster;
 use crate::dsn::{Dsn, PoolOverrides, SslMode, redact_dsn};
@@ -58,6 +59,7 @@ pub struct ClusterBuilder {
     max_replica_lag: Option<Duration>,
     max_replica_lag_bytes: Option<u64>,
     read_fallback: ReadFallback,
+    read_balance: ReadBalance,
     hooks: Hooks,
     leak_threshold: Option<Duration>,
     leak_backtrace: bool,
@@ -125,6 +127,7 @@ impl Default for ClusterBuilder {
             max_replica_lag: None,
             max_replica_lag_bytes: None,
             read_fallback: ReadFallback::Primary,
+            read_balance: ReadBalance::PerThread,
             hooks: Hooks::default(),
             leak_threshold: None,
             leak_backtrace: false,
@@ -163,6 +166,7 @@ impl fmt::Debug for ClusterBuilder {
             .field("max_replica_lag", &self.max_replica_lag)
             .field("max_replica_lag_bytes", &self.max_replica_lag_bytes)
             .field("read_fallback", &self.read_fallback)
+            .field("read_balance", &self.read_balance)
             .field("hooks", &self.hooks)
             .field("leak_threshold", &self.leak_threshold)
             .field("leak_backtrace", &self.leak_backtrace)
@@ -363,6 +367,14 @@ impl ClusterBuilder {
     /// [`ReadFallback::Primary`].
     pub fn read_fallback(mut self, fallback: ReadFallback) -> Self {
         self.read_fallback = fallback;
+        self
+    }
+
+    /// How reads are spread over the eligible replicas. Defaults to
+    /// [`ReadBalance::PerThread`]: each thread stays on one replica, threads
+    /// are spread round-robin; [`ReadBalance::PerCall`] alternates every read.
+    pub fn read_balance(mut self, balance: ReadBalance) -> Self {
+        self.read_balance = balance;
         self
     }
 
@@ -635,6 +647,7 @@ impl ClusterBuilder {
             max_replica_lag: self.max_replica_lag,
             max_replica_lag_bytes: self.max_replica_lag_bytes,
             read_fallback: self.read_fallback,
+            read_balance: self.read_balance,
             hooks: Arc::new(self.resolve_hooks()?),
             leak_threshold: self.leak_threshold,
             leak_backtrace: self.leak_backtrace,
@@ -767,6 +780,7 @@ pub(crate) struct ClusterConfig {
     pub(crate) max_replica_lag: Option<Duration>,
     pub(crate) max_replica_lag_bytes: Option<u64>,
     pub(crate) read_fallback: ReadFallback,
+    pub(crate) read_balance: ReadBalance,
     pub(crate) hooks: Arc<Hooks>,
     pub(crate) leak_threshold: Option<Duration>,
     pub(crate) leak_backtrace: bool,

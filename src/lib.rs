@@ -30,6 +30,7 @@ mod tx;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use balancer::ReadBalance;
 pub use breaker::BreakerState;
 pub use cluster::Cluster;
 pub use config::{ClusterBuilder, ReadFallback};

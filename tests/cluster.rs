@@ -8,9 +8,9 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{builder_for, read_port, wait_for};
+use common::{builder_for, read_port, read_port_from_new_thread, wait_for};
 use pgxkit::testkit::LocalCluster;
-use pgxkit::{Cluster, ErrorKind, Role};
+use pgxkit::{Cluster, ErrorKind, ReadBalance, Role};
 
 #[test]
 fn cluster_is_clone_send_sync() {
@@ -23,7 +23,10 @@ fn cluster_is_clone_send_sync() {
 #[test]
 fn reads_spread_evenly_over_replicas_and_writes_hit_the_primary() {
     let local = LocalCluster::start(2).unwrap();
-    let cluster = builder_for(&local).build().unwrap();
+    let cluster = builder_for(&local)
+        .read_balance(ReadBalance::PerCall)
+        .build()
+        .unwrap();
     let mut per_port: HashMap<u16, usize> = HashMap::new();
     for _ in 0..200 {
         *per_port.entry(read_port(&cluster)).or_default() += 1;
@@ -83,6 +86,44 @@ fn reads_spread_evenly_over_replicas_and_writes_hit_the_primary() {
     assert_eq!(stats.replicas().count(), 2);
     let replica_reads: u64 = stats.replicas().map(|n| n.pool.acquire_count).sum();
     assert_eq!(replica_reads, 202);
+}
+
+#[test]
+fn by_default_each_thread_stays_on_one_replica_and_threads_spread_evenly() {
+    const THREADS: usize = 6;
+    let local = LocalCluster::start(2).unwrap();
+    let cluster = builder_for(&local).build().unwrap();
+    let per_thread: Vec<HashMap<u16, usize>> = thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut ports: HashMap<u16, usize> = HashMap::new();
+                    for _ in 0..50 {
+                        *ports.entry(read_port(&cluster)).or_default() += 1;
+                    }
+                    ports
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let mut threads_per_port: HashMap<u16, usize> = HashMap::new();
+    for ports in &per_thread {
+        assert_eq!(
+            ports.len(),
+            1,
+            "a thread's reads went to several nodes: {ports:?}"
+        );
+        let (&port, &reads) = ports.iter().next().unwrap();
+        assert_eq!(reads, 50);
+        *threads_per_port.entry(port).or_default() += 1;
+    }
+    let expected: HashMap<u16, usize> = local
+        .replicas()
+        .iter()
+        .map(|r| (r.port(), THREADS / 2))
+        .collect();
+    assert_eq!(threads_per_port, expected);
 }
 
 #[test]
@@ -271,7 +312,7 @@ fn an_unreachable_replica_does_not_fail_build_and_rejoins_when_it_answers() {
     wait_for(
         "replica2 to get reads again",
         Duration::from_secs(10),
-        || read_port(&cluster) == down.port(),
+        || read_port_from_new_thread(&cluster) == down.port(),
     );
     assert!(cluster.stats().node("replica2").unwrap().up);
 }

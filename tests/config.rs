@@ -307,7 +307,9 @@ fn replicas_and_pool_settings_from_the_environment() {
     let stats = cluster.stats();
     assert_eq!(stats.nodes.len(), 3);
     assert!(stats.nodes.iter().all(|n| n.pool.max_conns == 6));
-    let mut ports: Vec<u16> = (0..4).map(|_| common::read_port(&cluster)).collect();
+    let mut ports: Vec<u16> = (0..4)
+        .map(|_| common::read_port_from_new_thread(&cluster))
+        .collect();
     ports.sort();
     ports.dedup();
     let mut replica_ports: Vec<u16> = local.replicas().iter().map(|r| r.port()).collect();

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{builder_for, read_port, wait_for};
+use common::{builder_for, read_port, read_port_from_new_thread, wait_for};
 use pgxkit::testkit::LocalCluster;
 use pgxkit::{BreakerState, ErrorKind, HealthStatus, ReadFallback};
 
@@ -171,7 +171,7 @@ fn a_lagging_replica_gets_no_reads_until_it_catches_up() {
     wait_for(
         "the stale replica to get reads again",
         Duration::from_secs(10),
-        || read_port(&cluster) == stale.port(),
+        || read_port_from_new_thread(&cluster) == stale.port(),
     );
     // The next probe after catch-up reports zero lag.
     wait_for(

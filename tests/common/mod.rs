@@ -25,6 +25,13 @@ pub fn read_port(cluster: &Cluster) -> u16 {
     port as u16
 }
 
+/// [`read_port`] from a new thread: under the default
+/// [`ReadBalance::PerThread`](pgxkit::ReadBalance::PerThread) each new thread
+/// takes the next replica in turn, so successive calls alternate.
+pub fn read_port_from_new_thread(cluster: &Cluster) -> u16 {
+    std::thread::scope(|s| s.spawn(|| read_port(cluster)).join().unwrap())
+}
+
 /// Polls `condition` until it holds or `timeout` passes; panics with `what` then.
 pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
