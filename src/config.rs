@@ -4,8 +4,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postgres_native_tls::MakeTlsConnector;
-
 use crate::balancer::ReadBalance;
 use crate::breaker::BreakerConfig;
 use crate::cluster::Cluster;
@@ -606,8 +604,14 @@ impl ClusterBuilder {
             .primary
             .as_deref()
             .ok_or_else(|| Error::config("primary: no primary DSN given (call .primary(dsn))"))?;
+        let mut connectors = tls::Connectors::default();
         let primary = self
-            .node("primary".to_owned(), Role::Primary, primary_dsn)
+            .node(
+                "primary".to_owned(),
+                Role::Primary,
+                primary_dsn,
+                &mut connectors,
+            )
             .map_err(|e| e.context("primary DSN"))?;
         let replicas = self
             .replicas
@@ -615,7 +619,7 @@ impl ClusterBuilder {
             .enumerate()
             .map(|(i, dsn)| {
                 let name = format!("replica{}", i + 1);
-                self.node(name.clone(), Role::Replica, dsn)
+                self.node(name.clone(), Role::Replica, dsn, &mut connectors)
                     .map_err(|e| e.context(&format!("{name} DSN")))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -671,7 +675,13 @@ impl ClusterBuilder {
         Ok(hooks)
     }
 
-    fn node(&self, name: String, role: Role, dsn: &str) -> Result<NodeConfig> {
+    fn node(
+        &self,
+        name: String,
+        role: Role,
+        dsn: &str,
+        connectors: &mut tls::Connectors,
+    ) -> Result<NodeConfig> {
         let mut parsed = Dsn::parse(dsn)?;
         let p = self.pool.or(parsed.pool);
         let pool = PoolConfig {
@@ -712,7 +722,7 @@ impl ClusterBuilder {
                 parsed.tls.mode
             )));
         }
-        let tls = tls::connector(&parsed.tls, &mut parsed.pg)?;
+        let tls = tls::connector(&parsed.tls, &mut parsed.pg, connectors)?;
         Ok(NodeConfig {
             info: NodeInfo::new(name, role, parsed.address()),
             health_check_period: parsed.pool.health_check_period,
@@ -762,7 +772,7 @@ impl PoolConfig {
 pub(crate) struct NodeConfig {
     pub(crate) info: NodeInfo,
     pub(crate) pg: postgres::Config,
-    pub(crate) tls: MakeTlsConnector,
+    pub(crate) tls: tls::Tls,
     pub(crate) pool: PoolConfig,
     pub(crate) health_check_period: Option<Duration>,
     pub(crate) init_sql: Option<String>,

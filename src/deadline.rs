@@ -17,10 +17,10 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use postgres::CancelToken;
-use postgres_native_tls::MakeTlsConnector;
 
 use crate::error::NodeInfo;
 use crate::sync::lock;
+use crate::tls::Tls;
 
 const PENDING: u8 = 0;
 const DONE: u8 = 1;
@@ -29,7 +29,7 @@ const FIRED: u8 = 2;
 struct Job {
     at: Instant,
     token: CancelToken,
-    tls: MakeTlsConnector,
+    tls: Tls,
     node: NodeInfo,
     state: Arc<AtomicU8>,
 }
@@ -68,13 +68,7 @@ impl std::fmt::Debug for Watchdog {
 impl Watchdog {
     /// Watches a statement: at `at`, unless disarmed first, its backend is
     /// sent a cancel request.
-    pub(crate) fn arm(
-        &self,
-        at: Instant,
-        token: CancelToken,
-        tls: MakeTlsConnector,
-        node: &NodeInfo,
-    ) -> Armed {
+    pub(crate) fn arm(&self, at: Instant, token: CancelToken, tls: Tls, node: &NodeInfo) -> Armed {
         let state = Arc::new(AtomicU8::new(PENDING));
         let job = Box::new(Job {
             at,
@@ -174,7 +168,7 @@ fn fire(job: &Job) {
         return; // finished in time
     }
     log::debug!("deadline passed on {}; cancelling the statement", job.node);
-    if let Err(e) = job.token.cancel_query(job.tls.clone()) {
+    if let Err(e) = job.tls.cancel(&job.token) {
         log::warn!(
             "could not cancel a statement past its deadline on {}: {e}",
             job.node

@@ -7,12 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use postgres_native_tls::MakeTlsConnector;
-
 use crate::error::{Error, ErrorKind, NodeInfo, source_chain};
 use crate::hooks::{self, ConnectionEvent, DisconnectReason, Hooks};
 use crate::statements::StatementCache;
 use crate::sync::lock;
+use crate::tls::Tls;
 
 /// A pooled connection: the driver's client plus what the pool needs to know.
 pub(crate) struct Conn {
@@ -93,7 +92,7 @@ impl PoolShared {
 /// What opens a connection to one node: the driver config and TLS.
 pub(crate) struct Connector {
     pub(crate) pg: postgres::Config,
-    pub(crate) tls: MakeTlsConnector,
+    pub(crate) tls: Tls,
     /// Run on every new pooled connection before the `on_connect` hooks
     /// (`SET statement_timeout = ...`).
     pub(crate) init_sql: Option<String>,
@@ -111,7 +110,7 @@ impl std::fmt::Debug for Connector {
 impl Connector {
     /// Opens one connection outside any pool (bounded by the connect timeout).
     pub(crate) fn connect(&self) -> Result<postgres::Client, postgres::Error> {
-        self.pg.connect(self.tls.clone())
+        self.tls.connect(&self.pg)
     }
 }
 

@@ -469,7 +469,7 @@ impl Node {
                 "-c statement_timeout={millis} -c lock_timeout={millis}"
             ))
             .application_name("pgxkit-health");
-        pg.connect(self.connector.tls.clone()).map_err(|e| {
+        self.connector.tls.connect(&pg).map_err(|e| {
             Error::new(ErrorKind::Connect)
                 .with_node(&self.info)
                 .with_source(e)

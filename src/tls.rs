@@ -12,19 +12,81 @@ use std::path::Path;
 
 use native_tls::{Certificate, Identity, TlsConnector};
 use postgres::config::SslMode as PgSslMode;
+use postgres::{CancelToken, NoTls};
 use postgres_native_tls::MakeTlsConnector;
 
 use crate::dsn::{RootCert, SslMode, TlsSettings};
 use crate::error::{Error, Result};
 
-/// Builds the connector for one node and sets the driver's ssl mode.
+/// How connections to one node are opened: in the clear (`sslmode=disable`)
+/// or through a native-tls connector.
+#[derive(Clone)]
+pub(crate) enum Tls {
+    Off,
+    On(MakeTlsConnector),
+}
+
+impl Tls {
+    /// Opens a connection (bounded by `pg`'s connect timeout).
+    pub(crate) fn connect(
+        &self,
+        pg: &postgres::Config,
+    ) -> Result<postgres::Client, postgres::Error> {
+        match self {
+            Tls::Off => pg.connect(NoTls),
+            Tls::On(tls) => pg.connect(tls.clone()),
+        }
+    }
+
+    /// Sends a cancel request for the statement running under `token`.
+    pub(crate) fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
+        match self {
+            Tls::Off => token.cancel_query(NoTls),
+            Tls::On(tls) => token.cancel_query(tls.clone()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tls::Off => "Tls::Off",
+            Tls::On(_) => "Tls::On",
+        })
+    }
+}
+
+/// The connectors built so far in one `build()`, shared by nodes with the
+/// same TLS settings: a native-tls connector parses the system CA bundle
+/// twice whatever the settings (~35 ms of CPU per connector here). Not kept
+/// across builds, so a rotated certificate file is read by the next build.
+#[derive(Default)]
+pub(crate) struct Connectors(Vec<(TlsSettings, MakeTlsConnector)>);
+
+/// Sets the driver's ssl mode for one node and returns how to connect to it.
 /// Every file is read here, so a missing or bad file fails `build()`.
-pub(crate) fn connector(tls: &TlsSettings, pg: &mut postgres::Config) -> Result<MakeTlsConnector> {
+pub(crate) fn connector(
+    tls: &TlsSettings,
+    pg: &mut postgres::Config,
+    built: &mut Connectors,
+) -> Result<Tls> {
     pg.ssl_mode(match tls.mode {
         SslMode::Disable => PgSslMode::Disable,
         SslMode::Prefer => PgSslMode::Prefer,
         SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
     });
+    if tls.mode == SslMode::Disable {
+        return Ok(Tls::Off);
+    }
+    if let Some((_, connector)) = built.0.iter().find(|(settings, _)| settings == tls) {
+        return Ok(Tls::On(connector.clone()));
+    }
+    let connector = native_connector(tls)?;
+    built.0.push((tls.clone(), connector.clone()));
+    Ok(Tls::On(connector))
+}
+
+fn native_connector(tls: &TlsSettings) -> Result<MakeTlsConnector> {
     let mut builder = TlsConnector::builder();
     let verify_chain = match tls.mode {
         SslMode::Disable | SslMode::Prefer => false,
@@ -156,4 +218,47 @@ pub(crate) fn pooled_ssl_status(
 ) -> Result<SslStatus> {
     let row = node.run(deadline, |client| client.query_one(SSL_STATUS_SQL, &[]))?;
     Ok(SslStatus::from_row(&node.info, &row))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(mode: SslMode) -> TlsSettings {
+        TlsSettings {
+            mode,
+            ..TlsSettings::default()
+        }
+    }
+
+    #[test]
+    fn disable_builds_no_connector_and_equal_settings_share_one() {
+        let mut built = Connectors::default();
+        let mut pg = postgres::Config::new();
+        let off = connector(&settings(SslMode::Disable), &mut pg, &mut built).unwrap();
+        assert!(matches!(off, Tls::Off));
+        assert_eq!(pg.get_ssl_mode(), PgSslMode::Disable);
+        assert!(built.0.is_empty());
+
+        for mode in [SslMode::Prefer, SslMode::Require, SslMode::Prefer] {
+            let on = connector(&settings(mode), &mut pg, &mut built).unwrap();
+            assert!(matches!(on, Tls::On(_)));
+        }
+        assert_eq!(pg.get_ssl_mode(), PgSslMode::Prefer);
+        let modes: Vec<SslMode> = built.0.iter().map(|(s, _)| s.mode).collect();
+        assert_eq!(modes, [SslMode::Prefer, SslMode::Require]);
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_naming_its_key_even_after_a_shared_connector() {
+        let mut built = Connectors::default();
+        let mut pg = postgres::Config::new();
+        connector(&settings(SslMode::Require), &mut pg, &mut built).unwrap();
+        let missing = TlsSettings {
+            root_cert: Some(RootCert::File("/nonexistent/pgxkit-ca.pem".into())),
+            ..settings(SslMode::Require)
+        };
+        let err = connector(&missing, &mut pg, &mut built).unwrap_err();
+        assert!(err.to_string().contains("sslrootcert"), "{err}");
+    }
 }
