@@ -518,7 +518,7 @@ impl Cluster {
             params,
             |_| Some(1),
             |node, deadline| {
-                self.statement(kind, node, deadline, sql, params, Call::Query)
+                self.statement(kind, node, deadline, sql, params, Call::QueryOpt)
                     .and_then(|out| exactly_one(out, node))
             },
         )
@@ -536,7 +536,7 @@ impl Cluster {
     pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
         let kind = OperationKind::QueryOpt;
         self.on_primary(kind, sql, params, opt_count, |node, deadline| {
-            self.statement(kind, node, deadline, sql, params, Call::Query)
+            self.statement(kind, node, deadline, sql, params, Call::QueryOpt)
                 .and_then(|out| at_most_one(out, node))
         })
     }
@@ -591,7 +591,7 @@ impl Cluster {
             params,
             |_| Some(1),
             |node, deadline| {
-                self.statement(kind, node, deadline, sql, params, Call::Query)
+                self.statement(kind, node, deadline, sql, params, Call::QueryOpt)
                     .and_then(|out| exactly_one(out, node))
             },
         )
@@ -607,7 +607,7 @@ impl Cluster {
     pub fn read_query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
         let kind = OperationKind::ReadQueryOpt;
         self.read(kind, sql, params, opt_count, |node, deadline| {
-            self.statement(kind, node, deadline, sql, params, Call::Query)
+            self.statement(kind, node, deadline, sql, params, Call::QueryOpt)
                 .and_then(|out| at_most_one(out, node))
         })
     }

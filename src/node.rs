@@ -496,10 +496,10 @@ impl Node {
             if now >= deadline {
                 return Err(self.checkout_failed(start, timeout));
             }
-            let slice = (deadline - now).min(CONNECT_FAILURE_POLL);
             let got = match self.parking.take() {
                 Ok(conn) => Ok(conn),
                 Err(waiting) => {
+                    let slice = (deadline - now).min(CONNECT_FAILURE_POLL);
                     let got = self.pool.get_timeout(slice);
                     drop(waiting);
                     now = Instant::now();
@@ -786,7 +786,7 @@ impl Node {
                     Call::Execute => self.guarded(conn, deadline, |client| {
                         statements::execute_simple(client, sql)
                     }),
-                    Call::Query => Err(Error::config(
+                    Call::Query | Call::QueryOpt => Err(Error::config(
                         "statement_mode: the simple protocol returns text rows, not postgres::Row; \
                          use with_primary(|c| c.simple_query(..))",
                     )),

@@ -200,6 +200,9 @@ pub(crate) enum Call {
     Execute,
     /// Rows returned.
     Query,
+    /// At most one row returned, streamed: no `Vec` of rows, and the rows
+    /// past the second are never decoded.
+    QueryOpt,
 }
 
 /// What a statement gave back.
@@ -207,6 +210,10 @@ pub(crate) enum Call {
 pub(crate) enum Output {
     Count(u64),
     Rows(Vec<Row>),
+    /// From [`Call::QueryOpt`]: no row or one.
+    Opt(Option<Row>),
+    /// From [`Call::QueryOpt`]: more than one row.
+    TooMany,
 }
 
 impl Output {
@@ -215,6 +222,8 @@ impl Output {
         match self {
             Output::Count(n) => *n,
             Output::Rows(rows) => rows.len() as u64,
+            Output::Opt(row) => u64::from(row.is_some()),
+            Output::TooMany => 2,
         }
     }
 
@@ -225,7 +234,8 @@ impl Output {
     pub(crate) fn rows(self) -> Vec<Row> {
         match self {
             Output::Rows(rows) => rows,
-            Output::Count(_) => Vec::new(),
+            Output::Opt(row) => row.into_iter().collect(),
+            Output::Count(_) | Output::TooMany => Vec::new(),
         }
     }
 
@@ -233,7 +243,8 @@ impl Output {
     pub(crate) fn opt(self) -> Result<Option<Row>, ()> {
         match self {
             Output::Rows(mut rows) if rows.len() <= 1 => Ok(rows.pop()),
-            Output::Rows(_) => Err(()),
+            Output::Rows(_) | Output::TooMany => Err(()),
+            Output::Opt(row) => Ok(row),
             Output::Count(_) => Ok(None),
         }
     }
@@ -250,6 +261,11 @@ impl Call {
         match self {
             Call::Execute => client.execute(statement, params).map(Output::Count),
             Call::Query => client.query(statement, params).map(Output::Rows),
+            Call::QueryOpt => match client.query_opt(statement, params) {
+                Ok(row) => Ok(Output::Opt(row)),
+                Err(e) if is_row_count(&e) => Ok(Output::TooMany),
+                Err(e) => Err(e),
+            },
         }
     }
 
@@ -265,9 +281,20 @@ impl Call {
             params.iter().copied().zip(types.iter().cloned()).collect();
         match self {
             Call::Execute => client.execute_typed(sql, &typed).map(Output::Count),
-            Call::Query => client.query_typed(sql, &typed).map(Output::Rows),
+            Call::Query | Call::QueryOpt => client.query_typed(sql, &typed).map(Output::Rows),
         }
     }
+}
+
+/// Whether `e` is the driver's "more than one row" from `query_opt`. Its kind
+/// is private; it is the only error with this text, no server error and no
+/// cause (tests/cluster.rs `query_one_and_query_opt_count_rows` fails if a
+/// driver update changes that).
+fn is_row_count(e: &postgres::Error) -> bool {
+    use std::error::Error as _;
+    e.as_db_error().is_none()
+        && e.source().is_none()
+        && e.to_string() == "query returned an unexpected number of rows"
 }
 
 /// Runs a statement with the simple protocol; returns the rows affected.

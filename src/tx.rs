@@ -264,13 +264,13 @@ impl<'c> Transaction<'c> {
 
     /// Runs a query that must return exactly one row.
     pub fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        let out = self.statement(OperationKind::QueryOne, sql, params, Call::Query)?;
+        let out = self.statement(OperationKind::QueryOne, sql, params, Call::QueryOpt)?;
         exactly_one(out, self.node)
     }
 
     /// Runs a query that returns at most one row.
     pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        let out = self.statement(OperationKind::QueryOpt, sql, params, Call::Query)?;
+        let out = self.statement(OperationKind::QueryOpt, sql, params, Call::QueryOpt)?;
         at_most_one(out, self.node)
     }
 

@@ -253,6 +253,36 @@ fn query_one_and_query_opt_count_rows() {
             .kind(),
         ErrorKind::NotFound
     );
+
+    // query_one stops reading at the second row; the rest is discarded and
+    // the one connection serves the next statements, in and out of a
+    // transaction, with nothing counted against the node.
+    let one = Cluster::builder()
+        .primary(local.primary_dsn())
+        .max_conns(1)
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        let many = one
+            .query_one("SELECT generate_series(1, 10000)", &[])
+            .unwrap_err();
+        assert_eq!(many.kind(), ErrorKind::TooManyRows, "{many:?}");
+        let row = one.query_one("SELECT $1::int", &[&i]).unwrap();
+        assert_eq!(row.get::<_, i32>(0), i);
+    }
+    one.transaction(|tx| {
+        let many = tx
+            .query_opt("SELECT generate_series(1, 10000)", &[])
+            .unwrap_err();
+        assert_eq!(many.kind(), ErrorKind::TooManyRows);
+        assert_eq!(tx.query_one("SELECT 5", &[])?.get::<_, i32>(0), 5);
+        Ok(())
+    })
+    .unwrap();
+    let stats = one.stats();
+    let pool = &stats.primary().pool;
+    assert_eq!((pool.new_conns, pool.closed_broken), (1, 0), "{pool:?}");
+    assert_eq!(stats.primary().breaker, pgxkit::BreakerState::Closed);
 }
 
 #[test]
