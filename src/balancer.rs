@@ -30,10 +30,11 @@ pub enum ReadBalance {
     /// Round-robin over threads: each thread's reads stay on one replica
     /// while it stays eligible, and the threads are spread evenly over the
     /// eligible replicas (a thread's turn is taken the first time it reads
-    /// through the cluster). When that replica stops being eligible the
-    /// thread's reads move to another and come back when it is eligible
-    /// again. The default: the fastest with many threads. A single-threaded
-    /// program reads from one replica.
+    /// through the cluster). When that replica stops being eligible, its
+    /// threads are spread over the eligible ones (threads on other replicas
+    /// stay put) and come back when it is eligible again. The default: the
+    /// fastest with many threads. A single-threaded program reads from one
+    /// replica.
     #[default]
     PerThread,
     /// Round-robin over calls: consecutive reads, from any thread, go to the
@@ -80,8 +81,18 @@ impl Balancer {
             return None;
         }
         let turn = match self.policy {
-            ReadBalance::PerThread => self.thread_turn(),
             ReadBalance::PerCall => self.next.fetch_add(1, Relaxed),
+            ReadBalance::PerThread => {
+                let turn = self.thread_turn();
+                let own = turn % n;
+                if eligible(own) {
+                    return Some(own);
+                }
+                // Displaced: spread over the eligible ones, so the threads of
+                // a replica that drops out are shared, and threads on other
+                // replicas stay where they are.
+                turn / n
+            }
         };
         (0..n).filter(|&i| eligible(i)).nth(turn % count)
     }
@@ -167,6 +178,29 @@ mod tests {
             tally_threads(&b, 2, &[true, true]),
             [vec![0, 30], vec![30, 0]]
         );
+    }
+
+    #[test]
+    fn per_thread_only_the_displaced_threads_move_and_they_spread() {
+        let b = Balancer::new(ReadBalance::PerThread);
+        let replica = |counts: Vec<usize>| counts.iter().position(|&c| c == 30).unwrap();
+        // Each thread reads with all three replicas eligible, then with
+        // replica 1 out; threads one after the other, so turn t is thread t.
+        let (before, after): (Vec<usize>, Vec<usize>) = std::thread::scope(|s| {
+            (0..12)
+                .map(|_| {
+                    s.spawn(|| {
+                        let before = replica(tally(&b, 3, &[true; 3], 30));
+                        (before, replica(tally(&b, 3, &[true, false, true], 30)))
+                    })
+                    .join()
+                    .unwrap()
+                })
+                .unzip()
+        });
+        assert_eq!(before, [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2]);
+        // Threads on 0 and 2 stay; those on 1 (turns 1, 4, 7, 10) alternate.
+        assert_eq!(after, [0, 0, 2, 0, 2, 2, 0, 0, 2, 0, 2, 2]);
     }
 
     #[test]
