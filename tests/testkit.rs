@@ -300,3 +300,80 @@ fn a_server_that_cannot_start_reports_its_log() {
     );
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+/// Whether `pid` is a live process (a zombie counts as gone).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .next();
+        state != Some("Z")
+    })
+}
+
+/// A process killed while it owns a cluster (SIGKILL: no destructor runs)
+/// leaves its server running; the next start under the same temporary root
+/// stops it and removes the directory.
+#[test]
+fn a_cluster_orphaned_by_a_killed_process_is_reaped_by_the_next_start() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    const CHILD: &str = "PGXKIT_ORPHAN_CHILD_ROOT";
+    const NAME: &str = "a_cluster_orphaned_by_a_killed_process_is_reaped_by_the_next_start";
+    if let Ok(root) = std::env::var(CHILD) {
+        let local = LocalCluster::builder().temp_root(root).start().unwrap();
+        println!("ORPHAN-READY {}", local.dir().display());
+        // The parent kills this process long before the sleep ends.
+        std::thread::sleep(Duration::from_secs(60));
+        return;
+    }
+    let root = tempfile::Builder::new()
+        .prefix("orphan-test-")
+        .tempdir()
+        .unwrap();
+    // The server's OS user must reach the cluster directory below it.
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(CHILD, root.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // The harness's "test NAME ... " precedes it on the same line.
+            if let Some((_, dir)) = line.split_once("ORPHAN-READY ") {
+                let _ = tx.send(PathBuf::from(dir));
+                return;
+            }
+        }
+    });
+    let dir = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(dir) => dir,
+        Err(e) => {
+            let _ = child.kill();
+            panic!("the child did not start its cluster: {e}");
+        }
+    };
+    let pid_file = std::fs::read_to_string(dir.join("primary/postmaster.pid")).unwrap();
+    let postmaster: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        alive(postmaster),
+        "the server of the killed process should still be running"
+    );
+
+    let next = LocalCluster::builder()
+        .temp_root(root.path())
+        .start()
+        .unwrap();
+    assert!(!alive(postmaster), "the orphaned server was not stopped");
+    assert!(!dir.exists(), "the orphaned directory was not removed");
+    assert_eq!(count(next.primary(), "SELECT 1::bigint"), 1);
+}

@@ -32,6 +32,7 @@
 mod certs;
 mod error;
 mod node;
+mod orphans;
 mod pgbouncer;
 mod process;
 
@@ -317,6 +318,7 @@ impl LocalClusterBuilder {
             None => process::find_bin_dir()?,
         };
         let root = self.temp_root.clone().unwrap_or_else(std::env::temp_dir);
+        orphans::reap(&root);
         let dir = tempfile::Builder::new()
             .prefix("pgxkit-")
             .tempdir_in(&root)
@@ -329,6 +331,15 @@ impl LocalClusterBuilder {
                     ),
                 )
             })?;
+        orphans::claim(dir.path()).map_err(|e| {
+            Error::new(
+                "create directory",
+                format!(
+                    "cannot write the owner file in {}: {e}",
+                    dir.path().display()
+                ),
+            )
+        })?;
         let runner = Arc::new(Runner::new(bin_dir, dir.path().to_path_buf())?);
         runner.hand_over(dir.path())?;
         let ports = self.ports()?;
