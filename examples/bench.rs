@@ -23,6 +23,9 @@
 //!   same server processes);
 //! - `pgbench`: `pgbench -M prepared` with the same query (libpq's ceiling).
 //!
+//! `client CPU µs/query`: user + system CPU of the client (every thread of
+//! this process; for pgbench, of its process) per query, from `getrusage`.
+//!
 //! Ratios: `× pgxkit` is against pgxkit on the primary, `× read1` against
 //! reads from one replica. `--clients a,b` runs only those clients (ratios to
 //! clients left out print as `-`).
@@ -115,6 +118,20 @@ struct Cell {
     qps: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Client CPU (user + system, every thread of the client) per query.
+    cpu_us: f64,
+}
+
+/// CPU time used so far by this process (`who = RUSAGE_SELF`) or by its
+/// waited-for children (`RUSAGE_CHILDREN`), in microseconds.
+fn cpu_micros(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    let micros = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    micros(usage.ru_utime) + micros(usage.ru_stime)
 }
 
 struct Setup {
@@ -186,9 +203,9 @@ fn main() -> Result<(), AnyError> {
     for query in [Query::Select1, Query::PointLookup] {
         println!("\n## {}\n", query.name());
         println!(
-            "| threads | client | queries/s | p50 µs | p99 µs | × prepared | × r2d2 | × pgxkit | × read1 | × pgbench |"
+            "| threads | client | queries/s | p50 µs | p99 µs | client CPU µs/query | × prepared | × r2d2 | × pgxkit | × read1 | × pgbench |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         for &t in &threads {
             // rounds × clients, interleaved so that noise spreads over all.
             let mut cells: Vec<Vec<Cell>> = vec![Vec::new(); CLIENTS.len()];
@@ -226,6 +243,7 @@ fn main() -> Result<(), AnyError> {
                 let qps = median(cells[i].iter().map(|c| c.qps).collect());
                 let p50 = median(cells[i].iter().map(|c| c.p50_us).collect());
                 let p99 = median(cells[i].iter().map(|c| c.p99_us).collect());
+                let cpu = median(cells[i].iter().map(|c| c.cpu_us).collect());
                 let lat = |v: f64| {
                     if v > 0.0 {
                         format!("{v:.0}")
@@ -234,7 +252,7 @@ fn main() -> Result<(), AnyError> {
                     }
                 };
                 println!(
-                    "| {t} | {} | {qps:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {t} | {} | {qps:.0} | {} | {} | {cpu:.1} | {} | {} | {} | {} | {} |",
                     client.name(),
                     lat(p50),
                     lat(p99),
@@ -377,12 +395,15 @@ fn run(
         })
         .collect();
     start.wait();
+    // Every worker is past its warm-up.
+    let cpu_before = cpu_micros(libc::RUSAGE_SELF);
     let began = Instant::now();
     let mut all = Vec::new();
     for w in workers {
         all.extend(w.join().map_err(|_| "worker panicked")??);
     }
     let elapsed = began.elapsed().as_secs_f64();
+    let cpu = cpu_micros(libc::RUSAGE_SELF) - cpu_before;
     all.sort_unstable();
     let pct = |p: f64| {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
@@ -393,12 +414,15 @@ fn run(
         qps: all.len() as f64 / elapsed,
         p50_us: f64::from(pct(0.50)),
         p99_us: f64::from(pct(0.99)),
+        cpu_us: cpu / all.len().max(1) as f64,
     })
 }
 
 fn pgbench(setup: &Setup, query: Query, threads: usize, dur: Duration) -> Result<Cell, AnyError> {
     let script = std::env::temp_dir().join(format!("pgxkit-bench-{}.sql", std::process::id()));
     std::fs::write(&script, query.pgbench_script())?;
+    // The servers are children too, but are not waited for until the end.
+    let cpu_before = cpu_micros(libc::RUSAGE_CHILDREN);
     let out = Command::new(setup.pgbench.as_ref().ok_or("no pgbench")?)
         .args([
             "-h",
@@ -430,8 +454,14 @@ fn pgbench(setup: &Setup, query: Query, threads: usize, dur: Duration) -> Result
                 String::from_utf8_lossy(&out.stderr)
             )
         })?;
+    let cpu = cpu_micros(libc::RUSAGE_CHILDREN) - cpu_before;
+    let queries = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next()?.trim().parse::<f64>().ok());
     Ok(Cell {
         qps: tps,
+        cpu_us: queries.map_or(0.0, |n| cpu / n.max(1.0)),
         ..Cell::default()
     })
 }
