@@ -26,9 +26,9 @@ const OWNER_FILE: &str = "owner";
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// This process as an owner record: pid and start time.
-pub(crate) fn owner_record() -> String {
+fn owner_record() -> String {
     let pid = std::process::id();
-    format!("{pid} {}\n", start_time(pid).unwrap_or(0))
+    format!("{pid} {}\n", process::start_time(pid).unwrap_or(0))
 }
 
 /// Writes the owner record into a new cluster directory.
@@ -78,7 +78,7 @@ fn is_orphan(dir: &Path) -> bool {
     let Ok(pid) = u32::try_from(pid) else {
         return false;
     };
-    !(process::is_alive(pid) && start_time(pid) == Some(started))
+    !(process::is_alive(pid) && process::start_time(pid) == Some(started))
 }
 
 fn reap_one(dir: &Path) -> Result<(), String> {
@@ -120,15 +120,6 @@ fn process_of(dir: &Path, pid_file: &str) -> Option<u32> {
     let cmdline = String::from_utf8_lossy(&cmdline);
     let dir = dir.to_str()?;
     (process::is_alive(pid) && cmdline.contains(dir)).then_some(pid)
-}
-
-/// The start time of `pid` in clock ticks since boot (`/proc/PID/stat`
-/// field 22).
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    // Fields after the name start at field 3 (state).
-    after_name.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 #[cfg(test)]

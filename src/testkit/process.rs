@@ -243,14 +243,25 @@ pub(crate) fn children_of(parent: u32) -> Vec<u32> {
         .collect()
 }
 
-/// State and parent pid from the text of `/proc/PID/stat` (the command name
-/// in parentheses may itself hold spaces and parentheses).
+/// The fields of `/proc/PID/stat` after the command name, from field 3
+/// (state) on: the name in parentheses may itself hold spaces and parentheses.
+fn fields_after_name(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace())
+}
+
+/// State and parent pid from the text of `/proc/PID/stat`.
 fn stat_fields(stat: &str) -> Option<(&str, u32)> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after_name.split_whitespace();
+    let mut fields = fields_after_name(stat)?;
     let state = fields.next()?;
     let ppid = fields.next()?.parse().ok()?;
     Some((state, ppid))
+}
+
+/// The start time of `pid` in clock ticks since boot (`/proc/PID/stat`
+/// field 22): with the pid, it names one process even after pid reuse.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    fields_after_name(&stat)?.nth(22 - 3)?.parse().ok()
 }
 
 /// Waits until none of `pids` is alive, until `deadline`; returns whether they all went.
