@@ -4,22 +4,31 @@
 //! trading connections, and each trade breaks a client-thread / server-backend
 //! pairing the scheduler had settled (measured: a dedicated client per thread
 //! ran up to 2x faster than the plain pool at 2 threads on 2 cores). Here a
-//! healthy connection released while no thread is waiting is parked for its
-//! thread; the next checkout takes its own parked connection, else any parked
-//! one, else asks r2d2. When a thread is waiting, released connections go
-//! straight back to r2d2, which wakes the waiter: the fast path never keeps a
-//! connection from a waiter. Registering as a waiter and parking happen under
-//! one lock, so no wakeup is lost. r2d2 still owns the lifecycle (creation,
-//! maximum, lifetime, idle timeout, broken connections): parked connections
-//! are handed back to it when they have sat unused for a while, and at shutdown.
+//! healthy connection released while no thread is waiting is parked in the
+//! releasing thread's stripe (see [`crate::stripes`]); the next checkout takes
+//! its own parked connection from its stripe, else any parked one, else asks
+//! r2d2. The common case locks only the thread's own stripe, so threads on
+//! different cores do not trade a lock's cache line on every query.
+//!
+//! When a thread is waiting, released connections go back to r2d2, which
+//! wakes the waiter: the fast path never keeps a connection from a waiter.
+//! No wakeup is lost: a waiter registers, then looks at every stripe once
+//! more; a parker pushes, then looks at the waiter count; with a `SeqCst`
+//! fence between each side's two steps, at least one of them sees the other
+//! (and a parker that sees a waiter hands a connection to r2d2). r2d2 still
+//! owns the lifecycle (creation, maximum, lifetime, idle timeout, broken
+//! connections): parked connections are handed back to it when they have sat
+//! unused for a while, and at shutdown.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst, fence};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use r2d2::PooledConnection;
 
 use crate::manager::Manager;
+use crate::stripes::Striped;
 use crate::sync::lock;
 
 thread_local! {
@@ -37,22 +46,16 @@ struct Parked {
 }
 
 #[derive(Default)]
-struct State {
-    parked: Vec<Parked>,
-    waiters: usize,
-}
-
-#[derive(Default)]
 pub(crate) struct Parking {
-    state: Mutex<State>,
+    shards: Striped<Mutex<Vec<Parked>>>,
+    waiters: AtomicUsize,
 }
 
 impl std::fmt::Debug for Parking {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = lock(&self.state);
         f.debug_struct("Parking")
-            .field("parked", &state.parked.len())
-            .field("waiters", &state.waiters)
+            .field("parked", &self.len())
+            .field("waiters", &self.waiters.load(SeqCst))
             .finish()
     }
 }
@@ -62,64 +65,97 @@ pub(crate) struct Waiting<'a>(&'a Parking);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let mut state = lock(&self.0.state);
-        state.waiters = state.waiters.saturating_sub(1);
+        self.0.waiters.fetch_sub(1, SeqCst);
     }
 }
 
+/// From one stripe: `owner`'s most recently parked connection if given and
+/// there, else the most recently parked one.
+fn take_from(
+    parked: &mut Vec<Parked>,
+    owner: Option<ThreadId>,
+) -> Option<PooledConnection<Manager>> {
+    let i = owner
+        .and_then(|me| parked.iter().rposition(|p| p.owner == me))
+        .or_else(|| parked.len().checked_sub(1))?;
+    Some(parked.swap_remove(i).conn)
+}
+
 impl Parking {
-    /// This thread's parked connection, else the most recently parked one;
-    /// with none parked, registers the caller as waiting (it must then wait
-    /// in r2d2, where released connections now go).
+    /// This thread's parked connection, else the most recently parked one of
+    /// its stripe, else one from another stripe; with none parked, registers
+    /// the caller as waiting (it must then wait in r2d2, where released
+    /// connections now go).
     pub(crate) fn take(&self) -> Result<PooledConnection<Manager>, Waiting<'_>> {
-        let me = this_thread();
-        let mut state = lock(&self.state);
-        let index = state
-            .parked
-            .iter()
-            .rposition(|p| p.owner == me)
-            .or_else(|| state.parked.len().checked_sub(1));
-        match index {
-            Some(i) => Ok(state.parked.swap_remove(i).conn),
-            None => {
-                state.waiters += 1;
-                Err(Waiting(self))
-            }
+        let (stripe, own) = self.shards.mine();
+        if let Some(conn) = take_from(&mut lock(own), Some(this_thread())) {
+            return Ok(conn);
+        }
+        if let Some(conn) = self.any(stripe) {
+            return Ok(conn);
+        }
+        self.waiters.fetch_add(1, SeqCst);
+        let waiting = Waiting(self);
+        fence(SeqCst);
+        // A connection parked since the look above, by a thread that had not
+        // yet seen this registration.
+        match self.any(stripe) {
+            Some(conn) => Ok(conn),
+            None => Err(waiting),
         }
     }
 
-    /// Parks `conn` for this thread unless a thread is waiting; gives it back
-    /// when it must go to r2d2 instead (drop it outside this call).
+    /// The most recently parked connection of the first stripe, from `from`
+    /// on, that has one.
+    fn any(&self, from: usize) -> Option<PooledConnection<Manager>> {
+        self.shards
+            .from(from)
+            .find_map(|shard| take_from(&mut lock(shard), None))
+    }
+
+    /// Parks `conn` for this thread unless a thread is waiting; gives back a
+    /// connection when one must go to r2d2 instead (drop it outside this
+    /// call).
     pub(crate) fn park(
         &self,
         conn: PooledConnection<Manager>,
     ) -> Option<PooledConnection<Manager>> {
-        let mut state = lock(&self.state);
-        if state.waiters > 0 {
+        if self.waiters.load(SeqCst) > 0 {
             return Some(conn);
         }
-        state.parked.push(Parked {
+        let (_, own) = self.shards.mine();
+        lock(own).push(Parked {
             owner: this_thread(),
             conn,
             since: Instant::now(),
         });
+        fence(SeqCst);
+        if self.waiters.load(SeqCst) > 0 {
+            // A thread began waiting meanwhile and may have looked before
+            // the push: one connection goes to r2d2, which wakes it.
+            return take_from(&mut lock(own), None);
+        }
         None
     }
 
     /// Takes the connections parked for longer than `age` (all of them with
     /// `Duration::ZERO`), to be handed back to r2d2 by dropping them.
     pub(crate) fn take_older_than(&self, age: Duration) -> Vec<PooledConnection<Manager>> {
-        let mut state = lock(&self.state);
         let now = Instant::now();
-        let (old, young): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut state.parked)
-            .into_iter()
-            .partition(|p| now.saturating_duration_since(p.since) >= age);
-        state.parked = young;
-        old.into_iter().map(|p| p.conn).collect()
+        let mut old = Vec::new();
+        for shard in self.shards.from(0) {
+            let mut parked = lock(shard);
+            let (aged, young): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut *parked)
+                .into_iter()
+                .partition(|p| now.saturating_duration_since(p.since) >= age);
+            *parked = young;
+            old.extend(aged.into_iter().map(|p| p.conn));
+        }
+        old
     }
 
     /// How many connections are parked.
     pub(crate) fn len(&self) -> usize {
-        lock(&self.state).parked.len()
+        self.shards.from(0).map(|shard| lock(shard).len()).sum()
     }
 }

@@ -23,6 +23,7 @@ mod retry;
 mod shutdown;
 mod statements;
 mod stats;
+mod stripes;
 mod sync;
 mod tls;
 mod tx;

@@ -43,8 +43,6 @@ impl Conn {
 /// Lock-free counters of one node's pool, read by `stats()`.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) acquires: AtomicU64,
-    pub(crate) acquire_wait_nanos: AtomicU64,
     pub(crate) checkout_timeouts: AtomicU64,
     pub(crate) created: AtomicU64,
     pub(crate) connect_failures: AtomicU64,
@@ -53,7 +51,6 @@ pub(crate) struct Counters {
     pub(crate) closed_broken: AtomicU64,
     pub(crate) validations: AtomicU64,
     pub(crate) statements_prepared: AtomicU64,
-    pub(crate) statement_cache_hits: AtomicU64,
 }
 
 /// State shared by a node's manager and the node itself.

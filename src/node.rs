@@ -22,6 +22,7 @@ use crate::manager::{Conn, ConnectErrorLog, Connector, Manager, PoolShared, Rele
 use crate::plans::Capture;
 use crate::statements::{self, Call, Output, StatementMode};
 use crate::stats::{NodeStats, PoolStats};
+use crate::stripes::Striped;
 use crate::sync::lock;
 use postgres::types::ToSql;
 
@@ -39,6 +40,23 @@ const UNKNOWN: u64 = u64::MAX;
 /// drops below `UTILIZATION_CLEAR`).
 const UTILIZATION_WARN_TENTHS: u32 = 9;
 const UTILIZATION_CLEAR_TENTHS: u32 = 8;
+
+/// Utilisation is computed (a sum over the stripes) on every checkout that
+/// found no parked connection, and on every this-many-th checkout of a
+/// thread's stripe: often enough to catch a busy pool, rarely enough to stay
+/// off the fast path.
+const UTILIZATION_SAMPLE: u64 = 16;
+
+/// The counters a checkout writes, one copy per stripe of threads
+/// (see [`crate::stripes`]).
+#[derive(Debug, Default)]
+struct Hot {
+    acquires: AtomicU64,
+    acquire_wait_nanos: AtomicU64,
+    statement_cache_hits: AtomicU64,
+    /// Leases taken through this stripe and not yet dropped.
+    in_use: AtomicU64,
+}
 
 /// One parameterised statement to run: how, what, and where slow ones go.
 #[derive(Clone, Copy)]
@@ -100,7 +118,7 @@ pub(crate) struct Node {
     hooks: Arc<Hooks>,
     watchdog: Arc<Watchdog>,
     parking: Parking,
-    in_use: AtomicU32,
+    hot: Striped<Hot>,
     utilization_warned: AtomicBool,
     leaks: Option<LeakTracker>,
     up: AtomicBool,
@@ -122,6 +140,8 @@ pub(crate) struct Lease<'a> {
     node: &'a Node,
     acquired: Instant,
     leak_id: Option<u64>,
+    /// The stripe whose `in_use` counts this lease.
+    stripe: usize,
 }
 
 const HELD: &str = "a lease holds its connection until it is dropped";
@@ -160,7 +180,7 @@ impl Drop for Lease<'_> {
                 drop(conn);
             }
         }
-        node.in_use.fetch_sub(1, Relaxed);
+        node.hot.get(self.stripe).in_use.fetch_sub(1, Relaxed);
         if let (Some(id), Some(leaks)) = (self.leak_id, &node.leaks) {
             lock(&leaks.leases).remove(&id);
         }
@@ -263,7 +283,7 @@ impl Node {
             hooks: Arc::clone(&options.hooks),
             watchdog: Arc::clone(&options.watchdog),
             parking: Parking::default(),
-            in_use: AtomicU32::new(0),
+            hot: Striped::default(),
             utilization_warned: AtomicBool::new(false),
             leaks: options.leak_threshold.map(|threshold| LeakTracker {
                 threshold,
@@ -492,6 +512,7 @@ impl Node {
         // Clock readings are a visible share of a query's client CPU: the
         // fast path (a parked connection) reads the clock once here.
         let mut now = start;
+        let mut from_pool = false;
         loop {
             if now >= deadline {
                 return Err(self.checkout_failed(start, timeout));
@@ -499,6 +520,7 @@ impl Node {
             let got = match self.parking.take() {
                 Ok(conn) => Ok(conn),
                 Err(waiting) => {
+                    from_pool = true;
                     let slice = (deadline - now).min(CONNECT_FAILURE_POLL);
                     let got = self.pool.get_timeout(slice);
                     drop(waiting);
@@ -530,39 +552,30 @@ impl Node {
                     continue;
                 }
             }
-            return Ok(self.lease(conn, start, now));
+            return Ok(self.lease(conn, start, now, from_pool));
         }
     }
 
     /// Books a successful checkout: counters, the utilisation warning, leak
-    /// tracking, the `on_acquire` hooks.
+    /// tracking, the `on_acquire` hooks. `from_pool`: no parked connection
+    /// was found (the pool may be busy).
     fn lease(
         &self,
         conn: PooledConnection<Manager>,
         start: Instant,
         acquired: Instant,
+        from_pool: bool,
     ) -> Lease<'_> {
         let waited = acquired.saturating_duration_since(start);
-        let counters = &self.shared.counters;
-        counters.acquires.fetch_add(1, Relaxed);
-        counters.acquire_wait_nanos.fetch_add(
+        let (stripe, hot) = self.hot.mine();
+        let nth = hot.acquires.fetch_add(1, Relaxed);
+        hot.acquire_wait_nanos.fetch_add(
             u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
             Relaxed,
         );
-        let in_use = self.in_use.fetch_add(1, Relaxed) + 1;
-        if in_use * 10 >= self.max_conns * UTILIZATION_WARN_TENTHS {
-            if !self.utilization_warned.swap(true, Relaxed) {
-                log::warn!(
-                    "connection pool of {} is {}% in use ({in_use} of {})",
-                    self.info,
-                    in_use * 100 / self.max_conns,
-                    self.max_conns
-                );
-            }
-        } else if in_use * 10 < self.max_conns * UTILIZATION_CLEAR_TENTHS
-            && self.utilization_warned.load(Relaxed)
-        {
-            self.utilization_warned.store(false, Relaxed);
+        hot.in_use.fetch_add(1, Relaxed);
+        if from_pool || nth % UTILIZATION_SAMPLE == 0 {
+            self.check_utilization();
         }
         let leak_id = self.leaks.as_ref().map(|leaks| {
             let id = leaks.next_id.fetch_add(1, Relaxed);
@@ -587,6 +600,34 @@ impl Node {
             node: self,
             acquired,
             leak_id,
+            stripe,
+        }
+    }
+
+    /// Leases outstanding: a sum over the stripes, read one after another,
+    /// so approximate while checkouts run (never above `max_conns`).
+    fn in_use(&self) -> u32 {
+        let n = self.hot.sum(|h| h.in_use.load(Relaxed));
+        u32::try_from(n).unwrap_or(u32::MAX).min(self.max_conns)
+    }
+
+    /// Logs once when the pool is above 90 % in use, and re-arms when it
+    /// drops below 80 %.
+    fn check_utilization(&self) {
+        let in_use = self.in_use();
+        if in_use * 10 >= self.max_conns * UTILIZATION_WARN_TENTHS {
+            if !self.utilization_warned.swap(true, Relaxed) {
+                log::warn!(
+                    "connection pool of {} is {}% in use ({in_use} of {})",
+                    self.info,
+                    in_use * 100 / self.max_conns,
+                    self.max_conns
+                );
+            }
+        } else if in_use * 10 < self.max_conns * UTILIZATION_CLEAR_TENTHS
+            && self.utilization_warned.load(Relaxed)
+        {
+            self.utilization_warned.store(false, Relaxed);
         }
     }
 
@@ -752,7 +793,7 @@ impl Node {
                     })
                 })?;
                 let counter = if hit {
-                    &self.shared.counters.statement_cache_hits
+                    &self.hot.mine().1.statement_cache_hits
                 } else {
                     &self.shared.counters.statements_prepared
                 };
@@ -854,8 +895,10 @@ impl Node {
             total_conns: state.connections,
             idle_conns: idle,
             in_use_conns: state.connections.saturating_sub(idle),
-            acquire_count: c.acquires.load(Relaxed),
-            acquire_wait: Duration::from_nanos(c.acquire_wait_nanos.load(Relaxed)),
+            acquire_count: self.hot.sum(|h| h.acquires.load(Relaxed)),
+            acquire_wait: Duration::from_nanos(
+                self.hot.sum(|h| h.acquire_wait_nanos.load(Relaxed)),
+            ),
             checkout_timeouts: c.checkout_timeouts.load(Relaxed),
             new_conns: c.created.load(Relaxed),
             connect_failures: c.connect_failures.load(Relaxed),
@@ -864,7 +907,7 @@ impl Node {
             closed_broken: c.closed_broken.load(Relaxed),
             validations: c.validations.load(Relaxed),
             statements_prepared: c.statements_prepared.load(Relaxed),
-            statement_cache_hits: c.statement_cache_hits.load(Relaxed),
+            statement_cache_hits: self.hot.sum(|h| h.statement_cache_hits.load(Relaxed)),
         }
     }
 

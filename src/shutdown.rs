@@ -5,6 +5,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::stripes::Striped;
 use crate::sync::lock;
 
 const RUNNING: u8 = 0;
@@ -34,21 +35,25 @@ pub struct ShutdownReport {
 }
 
 /// Running or shutting down, and how many operations are in flight.
+///
+/// Every operation counts itself in and out, so the count is striped per
+/// thread (see [`crate::stripes`]); shutdown adds the stripes up.
 #[derive(Debug, Default)]
 pub(crate) struct Lifecycle {
     state: AtomicU8,
-    in_flight: AtomicUsize,
+    in_flight: Striped<AtomicUsize>,
     lock: Mutex<()>,
     drained: Condvar,
 }
 
-/// One operation in flight; leaving is counted on drop.
+/// One operation in flight (counted in the stripe at `.1`); leaving is
+/// counted on drop, in the same stripe, on whatever thread drops it.
 #[derive(Debug)]
-pub(crate) struct InFlight<'a>(&'a Lifecycle);
+pub(crate) struct InFlight<'a>(&'a Lifecycle, usize);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let before = self.0.in_flight.fetch_sub(1, SeqCst);
+        let before = self.0.in_flight.get(self.1).fetch_sub(1, SeqCst);
         if before == 1 && self.0.state.load(SeqCst) != RUNNING {
             // Notify under the lock so a waiter cannot miss it.
             let _guard = lock(&self.0.lock);
@@ -61,9 +66,11 @@ impl Lifecycle {
     /// Counts an operation in, or fails at once with `ShuttingDown`.
     pub(crate) fn enter(&self) -> Result<InFlight<'_>> {
         // Count first, then look: shutdown sets the state first, then counts,
-        // so it sees every operation that got past this check.
-        self.in_flight.fetch_add(1, SeqCst);
-        let guard = InFlight(self);
+        // so it sees every operation that got past this check (all SeqCst:
+        // one order for the count, the state and shutdown's reads).
+        let (stripe, count) = self.in_flight.mine();
+        count.fetch_add(1, SeqCst);
+        let guard = InFlight(self, stripe);
         if self.state.load(SeqCst) != RUNNING {
             return Err(Error::new(ErrorKind::ShuttingDown));
         }
@@ -73,7 +80,13 @@ impl Lifecycle {
     /// Stops admitting operations; returns how many are in flight.
     pub(crate) fn begin_shutdown(&self) -> usize {
         self.state.store(SHUTTING_DOWN, SeqCst);
-        self.in_flight.load(SeqCst)
+        self.running()
+    }
+
+    /// Operations in flight: each stripe's count is at least the number of
+    /// operations counted in it that are still running, so 0 means drained.
+    fn running(&self) -> usize {
+        usize::try_from(self.in_flight.sum(|c| c.load(SeqCst) as u64)).unwrap_or(usize::MAX)
     }
 
     /// Waits until nothing is in flight or `deadline` passes; returns how
@@ -81,7 +94,7 @@ impl Lifecycle {
     pub(crate) fn wait_drained(&self, deadline: Instant) -> usize {
         let mut guard = lock(&self.lock);
         loop {
-            let running = self.in_flight.load(SeqCst);
+            let running = self.running();
             let now = Instant::now();
             if running == 0 || now >= deadline {
                 return running;
