@@ -6,6 +6,7 @@
 //! cargo run --release --example bench -- --secs 1 --rounds 1 # quick look
 //! cargo run --release --example bench -- --callgrind         # client instructions per query
 //! cargo run --release --example bench -- --clients pgxkit,pgxkit-reads --threads 4,8
+//! cargo run --release --example bench -- --checkout          # the pool alone, no statement
 //! ```
 //!
 //! Clients, each with one connection per thread at most:
@@ -25,6 +26,13 @@
 //!
 //! `client CPU µs/query`: user + system CPU of the client (every thread of
 //! this process; for pgbench, of its process) per query, from `getrusage`.
+//! `server CPU µs/query`: the same for every server process (primary and
+//! replicas, their backends included), from `/proc`; it tells whether a
+//! client's cost is its own or the server's.
+//!
+//! `--checkout`: checkouts per second with no statement (pgxkit's
+//! `with_primary` with an empty closure against r2d2's `get` without its
+//! ping), to see the pool's own overhead and how it scales with threads.
 //!
 //! Ratios: `× pgxkit` is against pgxkit on the primary, `× read1` against
 //! reads from one replica. `--clients a,b` runs only those clients (ratios to
@@ -120,6 +128,8 @@ struct Cell {
     p99_us: f64,
     /// Client CPU (user + system, every thread of the client) per query.
     cpu_us: f64,
+    /// Server CPU (every server process, replicas too) per query.
+    server_us: f64,
 }
 
 /// CPU time used so far by this process (`who = RUSAGE_SELF`) or by its
@@ -134,11 +144,54 @@ fn cpu_micros(who: libc::c_int) -> f64 {
     micros(usage.ru_utime) + micros(usage.ru_stime)
 }
 
+/// CPU time (user + system) used so far by the servers' process trees: each
+/// postmaster, its live descendants, and the children they have reaped
+/// (`cutime`, `cstime`), from `/proc`; 0 where `/proc` cannot be read.
+fn server_cpu_micros(roots: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    // pid -> (parent, ticks); fields after "(comm) ": state ppid ... utime
+    // stime cutime cstime at 0, 1, 11..=14.
+    let procs: std::collections::HashMap<u32, (u32, u64)> = dir
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+            let num = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+            let ticks = (11..=14).map(num).sum::<Option<u64>>()?;
+            Some((pid, (u32::try_from(num(1)?).ok()?, ticks)))
+        })
+        .collect();
+    let in_tree = |mut pid: u32| {
+        for _ in 0..64 {
+            if roots.contains(&pid) {
+                return true;
+            }
+            match procs.get(&pid) {
+                Some(&(parent, _)) if parent != 0 => pid = parent,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let ticks: u64 = procs
+        .iter()
+        .filter(|(pid, _)| in_tree(**pid))
+        .map(|(_, (_, t))| t)
+        .sum();
+    ticks as f64 / tick * 1e6
+}
+
 struct Setup {
     primary: String,
     replicas: Vec<String>,
     port: u16,
     pgbench: Option<std::path::PathBuf>,
+    /// The postmasters' pids, for the server CPU column.
+    servers: Vec<u32>,
 }
 
 fn main() -> Result<(), AnyError> {
@@ -183,6 +236,10 @@ fn main() -> Result<(), AnyError> {
         replicas: local.replica_dsns(),
         port: local.primary().port(),
         pgbench: Some(std::path::Path::new(&pgbench_path()).to_path_buf()).filter(|p| p.exists()),
+        servers: std::iter::once(local.primary())
+            .chain(local.replicas())
+            .filter_map(|n| n.pid())
+            .collect(),
     };
     let mut admin = local.primary().client()?;
     admin.batch_execute(
@@ -195,6 +252,9 @@ fn main() -> Result<(), AnyError> {
     if args.iter().any(|a| a == "--callgrind") {
         return callgrind(&setup);
     }
+    if args.iter().any(|a| a == "--checkout") {
+        return checkout_only(&setup, &threads, rounds, Duration::from_secs_f64(secs));
+    }
 
     println!(
         "pgxkit benchmark: {} round(s) of {secs} s per cell, threads {threads:?}, server on loopback",
@@ -203,9 +263,9 @@ fn main() -> Result<(), AnyError> {
     for query in [Query::Select1, Query::PointLookup] {
         println!("\n## {}\n", query.name());
         println!(
-            "| threads | client | queries/s | p50 µs | p99 µs | client CPU µs/query | × prepared | × r2d2 | × pgxkit | × read1 | × pgbench |"
+            "| threads | client | queries/s | p50 µs | p99 µs | client CPU µs/query | server CPU µs/query | × prepared | × r2d2 | × pgxkit | × read1 | × pgbench |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         for &t in &threads {
             // rounds × clients, interleaved so that noise spreads over all.
             let mut cells: Vec<Vec<Cell>> = vec![Vec::new(); CLIENTS.len()];
@@ -244,6 +304,7 @@ fn main() -> Result<(), AnyError> {
                 let p50 = median(cells[i].iter().map(|c| c.p50_us).collect());
                 let p99 = median(cells[i].iter().map(|c| c.p99_us).collect());
                 let cpu = median(cells[i].iter().map(|c| c.cpu_us).collect());
+                let server = median(cells[i].iter().map(|c| c.server_us).collect());
                 let lat = |v: f64| {
                     if v > 0.0 {
                         format!("{v:.0}")
@@ -252,7 +313,7 @@ fn main() -> Result<(), AnyError> {
                     }
                 };
                 println!(
-                    "| {t} | {} | {qps:.0} | {} | {} | {cpu:.1} | {} | {} | {} | {} | {} |",
+                    "| {t} | {} | {qps:.0} | {} | {} | {cpu:.1} | {server:.1} | {} | {} | {} | {} | {} |",
                     client.name(),
                     lat(p50),
                     lat(p99),
@@ -266,6 +327,93 @@ fn main() -> Result<(), AnyError> {
         }
     }
     Ok(())
+}
+
+/// `--checkout`: the pool alone, no statement: each thread checks a
+/// connection out and gives it back, as fast as it can. pgxkit
+/// (`with_primary` with an empty closure: in-flight count, breaker,
+/// checkout, return) against raw r2d2 (`get` and drop, without its
+/// checkout ping, so both do no round trip), medians over
+/// `rounds`, and the ratio per round.
+fn checkout_only(
+    setup: &Setup,
+    threads: &[usize],
+    rounds: usize,
+    dur: Duration,
+) -> Result<(), AnyError> {
+    println!(
+        "pool checkout + return, no statement: {rounds} round(s) of {} s per cell\n",
+        dur.as_secs_f64()
+    );
+    println!("| threads | r2d2 checkouts/s | pgxkit checkouts/s | pgxkit × r2d2 |");
+    println!("|---|---|---|---|");
+    for &t in threads {
+        let (mut raw, mut ours, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let manager =
+                r2d2_postgres::PostgresConnectionManager::new(setup.primary.parse()?, NoTls);
+            let pool = r2d2::Pool::builder()
+                .max_size(8)
+                .test_on_check_out(false)
+                .build(manager)?;
+            let a = spin(t, dur, move || pool.get().map(drop).map_err(Into::into))?;
+            let cluster = Cluster::builder()
+                .primary(&setup.primary)
+                .max_conns(8)
+                .build()?;
+            let b = spin(t, dur, move || {
+                cluster.with_primary(|_| Ok(())).map_err(Into::into)
+            })?;
+            raw.push(a);
+            ours.push(b);
+            ratio.push(b / a);
+        }
+        println!(
+            "| {t} | {:.0} | {:.0} | {:.2} |",
+            median(raw),
+            median(ours),
+            median(ratio)
+        );
+    }
+    Ok(())
+}
+
+/// Calls `op` on `threads` threads for `dur` (after 100 calls each to warm
+/// up); calls per second.
+fn spin(
+    threads: usize,
+    dur: Duration,
+    op: impl Fn() -> Result<(), AnyError> + Send + Sync + 'static,
+) -> Result<f64, AnyError> {
+    let op = Arc::new(op);
+    let start = Arc::new(Barrier::new(threads + 1));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (op, start) = (Arc::clone(&op), Arc::clone(&start));
+            std::thread::spawn(move || -> Result<u64, AnyError> {
+                for _ in 0..100 {
+                    op()?;
+                }
+                start.wait();
+                let until = Instant::now() + dur;
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    for _ in 0..64 {
+                        op()?;
+                    }
+                    n += 64;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    start.wait();
+    let began = Instant::now();
+    let mut total = 0;
+    for w in workers {
+        total += w.join().map_err(|_| "worker panicked")??;
+    }
+    Ok(total as f64 / began.elapsed().as_secs_f64())
 }
 
 fn pgbench_path() -> String {
@@ -397,6 +545,7 @@ fn run(
     start.wait();
     // Every worker is past its warm-up.
     let cpu_before = cpu_micros(libc::RUSAGE_SELF);
+    let server_before = server_cpu_micros(&setup.servers);
     let began = Instant::now();
     let mut all = Vec::new();
     for w in workers {
@@ -404,6 +553,7 @@ fn run(
     }
     let elapsed = began.elapsed().as_secs_f64();
     let cpu = cpu_micros(libc::RUSAGE_SELF) - cpu_before;
+    let server = server_cpu_micros(&setup.servers) - server_before;
     all.sort_unstable();
     let pct = |p: f64| {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
@@ -415,6 +565,7 @@ fn run(
         p50_us: f64::from(pct(0.50)),
         p99_us: f64::from(pct(0.99)),
         cpu_us: cpu / all.len().max(1) as f64,
+        server_us: server / all.len().max(1) as f64,
     })
 }
 
@@ -423,6 +574,7 @@ fn pgbench(setup: &Setup, query: Query, threads: usize, dur: Duration) -> Result
     std::fs::write(&script, query.pgbench_script())?;
     // The servers are children too, but are not waited for until the end.
     let cpu_before = cpu_micros(libc::RUSAGE_CHILDREN);
+    let server_before = server_cpu_micros(&setup.servers);
     let out = Command::new(setup.pgbench.as_ref().ok_or("no pgbench")?)
         .args([
             "-h",
@@ -455,6 +607,7 @@ fn pgbench(setup: &Setup, query: Query, threads: usize, dur: Duration) -> Result
             )
         })?;
     let cpu = cpu_micros(libc::RUSAGE_CHILDREN) - cpu_before;
+    let server = server_cpu_micros(&setup.servers) - server_before;
     let queries = text
         .lines()
         .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
@@ -462,6 +615,7 @@ fn pgbench(setup: &Setup, query: Query, threads: usize, dur: Duration) -> Result
     Ok(Cell {
         qps: tps,
         cpu_us: queries.map_or(0.0, |n| cpu / n.max(1.0)),
+        server_us: queries.map_or(0.0, |n| server / n.max(1.0)),
         ..Cell::default()
     })
 }
