@@ -793,7 +793,7 @@ impl Node {
                     })
                 })?;
                 let counter = if hit {
-                    &self.hot.mine().1.statement_cache_hits
+                    &self.hot.get(conn.stripe).statement_cache_hits
                 } else {
                     &self.shared.counters.statements_prepared
                 };
