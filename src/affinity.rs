@@ -86,11 +86,22 @@ impl Parking {
     /// its stripe, else one from another stripe; with none parked, registers
     /// the caller as waiting (it must then wait in r2d2, where released
     /// connections now go).
+    #[inline]
     pub(crate) fn take(&self) -> Result<PooledConnection<Manager>, Waiting<'_>> {
         let (stripe, own) = self.shards.mine();
-        if let Some(conn) = take_from(&mut lock(own), Some(this_thread())) {
-            return Ok(conn);
+        // The guard must be gone before looking at the other stripes.
+        let mine = take_from(&mut lock(own), Some(this_thread()));
+        match mine {
+            Some(conn) => Ok(conn),
+            None => self.take_elsewhere(stripe),
         }
+    }
+
+    /// [`take`](Self::take) when this thread's stripe had nothing: out of
+    /// line, so the common path stays a few cache lines of code.
+    #[cold]
+    #[inline(never)]
+    fn take_elsewhere(&self, stripe: usize) -> Result<PooledConnection<Manager>, Waiting<'_>> {
         if let Some(conn) = self.any(stripe) {
             return Ok(conn);
         }
@@ -115,10 +126,12 @@ impl Parking {
 
     /// Parks `conn` for this thread unless a thread is waiting; gives back a
     /// connection when one must go to r2d2 instead (drop it outside this
-    /// call).
+    /// call). `now` is when it was released.
+    #[inline]
     pub(crate) fn park(
         &self,
         conn: PooledConnection<Manager>,
+        now: Instant,
     ) -> Option<PooledConnection<Manager>> {
         if self.waiters.load(SeqCst) > 0 {
             return Some(conn);
@@ -127,7 +140,7 @@ impl Parking {
         lock(own).push(Parked {
             owner: this_thread(),
             conn,
-            since: Instant::now(),
+            since: now,
         });
         fence(SeqCst);
         if self.waiters.load(SeqCst) > 0 {

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 use r2d2::PooledConnection;
 use scheduled_thread_pool::ScheduledThreadPool;
 
-use crate::affinity::Parking;
+use crate::affinity::{Parking, Waiting};
 use crate::breaker::{Breaker, BreakerConfig, BreakerState, Outcome, Transition};
+use crate::cluster::Params;
 use crate::config::NodeConfig;
 use crate::deadline::{Armed, Watchdog};
 use crate::error::{Error, ErrorKind, NodeInfo, Result, RetryAfter};
@@ -175,12 +176,25 @@ impl Drop for Lease<'_> {
                 && !node.shared.closed.load(Relaxed);
             if reusable {
                 conn.mark_returned(now);
-                drop(node.parking.park(conn));
+                drop(node.parking.park(conn, now));
             } else {
                 drop(conn);
             }
         }
         node.hot.get(self.stripe).in_use.fetch_sub(1, Relaxed);
+        if self.leak_id.is_some() || !node.hooks.on_release.is_empty() {
+            self.released_extras();
+        }
+    }
+}
+
+impl Lease<'_> {
+    /// Leak tracking and the `on_release` hooks, when configured: out of
+    /// line, so a release without them stays a few cache lines of code.
+    #[cold]
+    #[inline(never)]
+    fn released_extras(&self) {
+        let node = self.node;
         if let (Some(id), Some(leaks)) = (self.leak_id, &node.leaks) {
             lock(&leaks.leases).remove(&id);
         }
@@ -507,21 +521,46 @@ impl Node {
     /// deadline. When the pool must open a connection and that fails, the
     /// checkout fails at once with `Connect`.
     pub(crate) fn checkout_within(&self, timeout: Duration) -> Result<Lease<'_>> {
-        let start = Instant::now();
-        let deadline = start + timeout;
         // Clock readings are a visible share of a query's client CPU: the
-        // fast path (a parked connection) reads the clock once here.
+        // fast path (a parked connection that needs no check) reads the
+        // clock once, here.
+        let start = Instant::now();
+        match self.parking.take() {
+            Ok(conn) if !conn.expired(start) && conn.idle_for(start) < self.validate_after_idle => {
+                Ok(self.lease(conn, start, start, false))
+            }
+            first => self.checkout_slow(start, timeout, first),
+        }
+    }
+
+    /// The rest of [`checkout_within`](Self::checkout_within): waiting in
+    /// r2d2, validating, discarding, failing. Out of line, so the common
+    /// path stays a few cache lines of code.
+    #[cold]
+    #[inline(never)]
+    fn checkout_slow<'a>(
+        &'a self,
+        start: Instant,
+        timeout: Duration,
+        first: std::result::Result<PooledConnection<Manager>, Waiting<'a>>,
+    ) -> Result<Lease<'a>> {
+        let deadline = start + timeout;
         let mut now = start;
         let mut from_pool = false;
+        let mut first = Some(first);
         loop {
-            if now >= deadline {
-                return Err(self.checkout_failed(start, timeout));
-            }
-            let got = match self.parking.take() {
+            let taken = match first.take() {
+                Some(taken) => taken,
+                None if now >= deadline => return Err(self.checkout_failed(start, timeout)),
+                None => self.parking.take(),
+            };
+            let got = match taken {
                 Ok(conn) => Ok(conn),
                 Err(waiting) => {
                     from_pool = true;
-                    let slice = (deadline - now).min(CONNECT_FAILURE_POLL);
+                    let slice = deadline
+                        .saturating_duration_since(now)
+                        .min(CONNECT_FAILURE_POLL);
                     let got = self.pool.get_timeout(slice);
                     drop(waiting);
                     now = Instant::now();
@@ -559,6 +598,7 @@ impl Node {
     /// Books a successful checkout: counters, the utilisation warning, leak
     /// tracking, the `on_acquire` hooks. `from_pool`: no parked connection
     /// was found (the pool may be busy).
+    #[inline]
     fn lease(
         &self,
         conn: PooledConnection<Manager>,
@@ -577,6 +617,24 @@ impl Node {
         if from_pool || nth % UTILIZATION_SAMPLE == 0 {
             self.check_utilization();
         }
+        let leak_id = if self.leaks.is_some() || !self.hooks.on_acquire.is_empty() {
+            self.leased_extras(acquired, waited)
+        } else {
+            None
+        };
+        Lease {
+            conn: Some(conn),
+            node: self,
+            acquired,
+            leak_id,
+            stripe,
+        }
+    }
+
+    /// Leak tracking (its id) and the `on_acquire` hooks, when configured.
+    #[cold]
+    #[inline(never)]
+    fn leased_extras(&self, acquired: Instant, waited: Duration) -> Option<u64> {
         let leak_id = self.leaks.as_ref().map(|leaks| {
             let id = leaks.next_id.fetch_add(1, Relaxed);
             let record = LeaseRecord {
@@ -595,13 +653,7 @@ impl Node {
             };
             hooks::notify(&self.hooks.on_acquire, "on_acquire", |hook| hook(&event));
         }
-        Lease {
-            conn: Some(conn),
-            node: self,
-            acquired,
-            leak_id,
-            stripe,
-        }
+        leak_id
     }
 
     /// Leases outstanding: a sum over the stripes, read one after another,
@@ -613,10 +665,17 @@ impl Node {
 
     /// Logs once when the pool is above 90 % in use, and re-arms when it
     /// drops below 80 %.
+    #[cold]
+    #[inline(never)]
     fn check_utilization(&self) {
         let in_use = self.in_use();
         if in_use * 10 >= self.max_conns * UTILIZATION_WARN_TENTHS {
-            if !self.utilization_warned.swap(true, Relaxed) {
+            // Look before writing: a full pool stays full for a while, and a
+            // write here would take the line from every thread reading the
+            // node's other fields.
+            if !self.utilization_warned.load(Relaxed)
+                && !self.utilization_warned.swap(true, Relaxed)
+            {
                 log::warn!(
                     "connection pool of {} is {}% in use ({in_use} of {})",
                     self.info,
@@ -741,28 +800,44 @@ impl Node {
         op: impl FnOnce(&mut Conn) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
         if conn.client.is_closed() {
-            conn.broken = true;
-            return Err(Error::new(ErrorKind::Closed)
-                .with_node(&self.info)
-                .with_detail("the connection was closed before the statement was sent")
-                .unsent());
+            return Err(self.closed_before_sending(conn));
         }
-        let armed = deadline.map(|at| {
-            let token = conn.client.cancel_token();
-            self.watchdog
-                .arm(at, token, self.connector.tls.clone(), &self.info)
-        });
+        let armed = deadline.map(|at| self.arm(conn, at));
         let result = op(conn);
         if armed.is_some_and(Armed::disarm) {
+            // The watchdog fired: the connection's state is uncertain.
             conn.broken = true;
-            return result.map_err(|e| {
-                Error::new(ErrorKind::Timeout)
-                    .with_node(&self.info)
-                    .with_detail("deadline passed; the statement was cancelled on the server")
-                    .with_source(e)
-            });
+            return result.map_err(|e| self.cancelled(e));
         }
         result.map_err(|e| self.failed(conn, e))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn closed_before_sending(&self, conn: &mut Lease<'_>) -> Error {
+        conn.broken = true;
+        Error::new(ErrorKind::Closed)
+            .with_node(&self.info)
+            .with_detail("the connection was closed before the statement was sent")
+            .unsent()
+    }
+
+    /// Has the watchdog cancel the statement about to run on `conn` at `at`.
+    #[inline(never)]
+    fn arm(&self, conn: &Lease<'_>, at: Instant) -> Armed {
+        let token = conn.client.cancel_token();
+        self.watchdog
+            .arm(at, token, self.connector.tls.clone(), &self.info)
+    }
+
+    /// The error of a statement the watchdog cancelled at its deadline.
+    #[cold]
+    #[inline(never)]
+    fn cancelled(&self, err: postgres::Error) -> Error {
+        Error::new(ErrorKind::Timeout)
+            .with_node(&self.info)
+            .with_detail("deadline passed; the statement was cancelled on the server")
+            .with_source(err)
     }
 
     /// Runs one parameterised statement on a checked-out connection,
@@ -799,40 +874,72 @@ impl Node {
                 };
                 counter.fetch_add(1, Relaxed);
                 if let (Some(capture), Some(started)) = (plans, started) {
-                    let took = started.elapsed();
-                    if took > capture.threshold {
-                        capture.offer(&self.info, kind, &statement, sql, params, took);
-                    }
+                    self.offer_plan(capture, kind, &statement, sql, params, started);
                 }
                 Ok(output)
             }
-            StatementMode::Unnamed => {
-                let types = statements::infer_types(params).map_err(|n| {
-                    Error::config(format!(
-                        "statement_mode: cannot tell the type of parameter ${n} for an unnamed statement; \
-                         use with_primary and query_typed"
-                    ))
-                })?;
-                self.guarded(conn, deadline, |client| {
-                    call.run_unnamed(client, sql, params, &types)
-                })
+            StatementMode::Unnamed | StatementMode::Simple => {
+                self.uncached(mode, conn, deadline, stmt)
             }
-            StatementMode::Simple => {
-                if !params.is_empty() {
-                    return Err(Error::config(
-                        "statement_mode: the simple protocol takes no parameters ($1, ...)",
-                    ));
-                }
-                match call {
-                    Call::Execute => self.guarded(conn, deadline, |client| {
-                        statements::execute_simple(client, sql)
-                    }),
-                    Call::Query | Call::QueryOpt => Err(Error::config(
-                        "statement_mode: the simple protocol returns text rows, not postgres::Row; \
-                         use with_primary(|c| c.simple_query(..))",
-                    )),
-                }
-            }
+        }
+    }
+
+    /// Offers a statement that took longer than the capture threshold.
+    #[inline(never)]
+    fn offer_plan(
+        &self,
+        capture: &Capture,
+        kind: OperationKind,
+        statement: &postgres::Statement,
+        sql: &str,
+        params: Params<'_>,
+        started: Instant,
+    ) {
+        let took = started.elapsed();
+        if took > capture.threshold {
+            capture.offer(&self.info, kind, statement, sql, params, took);
+        }
+    }
+
+    /// The modes without a statement cache: [`StatementMode::Unnamed`]
+    /// (parse, bind and execute in one round trip) and
+    /// [`StatementMode::Simple`] (no parameters, no rows). Out of line: the
+    /// default mode's path stays a few cache lines of code.
+    #[inline(never)]
+    fn uncached(
+        &self,
+        mode: StatementMode,
+        conn: &mut Lease<'_>,
+        deadline: Option<Instant>,
+        stmt: &Stmt<'_>,
+    ) -> Result<Output> {
+        let Stmt {
+            sql, params, call, ..
+        } = *stmt;
+        if mode == StatementMode::Unnamed {
+            let types = statements::infer_types(params).map_err(|n| {
+                Error::config(format!(
+                    "statement_mode: cannot tell the type of parameter ${n} for an unnamed statement; \
+                     use with_primary and query_typed"
+                ))
+            })?;
+            return self.guarded(conn, deadline, |client| {
+                call.run_unnamed(client, sql, params, &types)
+            });
+        }
+        if !params.is_empty() {
+            return Err(Error::config(
+                "statement_mode: the simple protocol takes no parameters ($1, ...)",
+            ));
+        }
+        match call {
+            Call::Execute => self.guarded(conn, deadline, |client| {
+                statements::execute_simple(client, sql)
+            }),
+            Call::Query | Call::QueryOpt => Err(Error::config(
+                "statement_mode: the simple protocol returns text rows, not postgres::Row; \
+                 use with_primary(|c| c.simple_query(..))",
+            )),
         }
     }
 
