@@ -479,10 +479,7 @@ impl LocalClusterBuilder {
             listeners.push(listener);
         }
         while listeners.len() < self.replicas + 1 {
-            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| {
-                Error::new("choose ports", format!("no free port on 127.0.0.1: {e}"))
-            })?;
-            listeners.push(listener);
+            listeners.push(free_port("choose ports")?);
         }
         listeners
             .iter()
@@ -517,5 +514,65 @@ impl LocalClusterBuilder {
             .open(&path)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .map_err(|e| node.error("configure", format!("cannot write {}: {e}", path.display())))
+    }
+}
+
+/// Ports below this are left to well-known services.
+const LOWEST_PORT: u16 = 20_000;
+
+/// A listener on a free loopback port below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), held by the caller until the port is
+/// handed to a server. A port from `bind(0)` lies inside that range, so in
+/// the second or so before the server binds it (initdb runs meanwhile) any
+/// outgoing connection on the machine may take it as its local port, and
+/// the server then fails with "Address already in use". Falls back to
+/// `bind(0)` when the range leaves no room below it.
+pub(crate) fn free_port(step: &'static str) -> Result<TcpListener, Error> {
+    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > LOWEST_PORT + 1_000 {
+        // Random, so parallel test processes rarely try the same port; a
+        // port in use (another kit's server) fails to bind and is skipped.
+        for _ in 0..200 {
+            let port = fastrand::u16(LOWEST_PORT..ephemeral_low);
+            if let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+                return Ok(listener);
+            }
+        }
+    }
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| Error::new(step, format!("no free port on 127.0.0.1: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_lie_below_the_ephemeral_range() {
+        let low: u16 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("Linux exposes the ephemeral port range")
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("a port number");
+        if low <= LOWEST_PORT + 1_000 {
+            return; // no room below the range here: bind(0) is the fallback
+        }
+        // Held together, so they must also be distinct.
+        let held: Vec<TcpListener> = (0..20).map(|_| free_port("test").unwrap()).collect();
+        let mut ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        assert!(
+            ports.iter().all(|p| (LOWEST_PORT..low).contains(p)),
+            "{ports:?} not in {LOWEST_PORT}..{low}"
+        );
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), held.len());
     }
 }

@@ -1,5 +1,4 @@
 use std::fs;
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::Mutex;
@@ -62,12 +61,10 @@ impl PgBouncer {
             ));
         }
         let binary = find_binary()?;
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
+        let port = super::free_port("start pgbouncer")?
+            .local_addr()
             .map(|a| a.port())
-            .map_err(|e| {
-                Error::new("start pgbouncer", format!("no free port on 127.0.0.1: {e}"))
-            })?;
+            .map_err(|e| Error::new("start pgbouncer", e.to_string()))?;
         let dir = dir.join(format!("pgbouncer-{port}"));
         let write = |name: &str, text: String| -> Result<PathBuf, Error> {
             let path = dir.join(name);
