@@ -25,9 +25,6 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst, fence};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use r2d2::PooledConnection;
-
-use crate::manager::Manager;
 use crate::stripes::Striped;
 use crate::sync::lock;
 
@@ -39,19 +36,64 @@ fn this_thread() -> ThreadId {
     THREAD.with(|id| *id)
 }
 
-struct Parked {
+/// Points of the waiter/parker handshake where a test can run the other
+/// side, to check each interleaving deterministically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// A taker found nothing and is about to register as a waiter.
+    TakerFoundNothing,
+    /// A parker saw no waiter and is about to push.
+    ParkerSawNoWaiter,
+}
+
+/// A test's hook, run at each [`Step`] on its thread.
+#[cfg(test)]
+type Hook = Box<dyn FnMut(Step)>;
+
+#[cfg(test)]
+thread_local! {
+    static BETWEEN: std::cell::RefCell<Option<Hook>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs the test's hook at `step` (nothing outside tests). The hook is
+/// taken out while it runs, so calls it makes do not run it again.
+#[inline(always)]
+fn between(step: Step) {
+    #[cfg(test)]
+    {
+        let hook = BETWEEN.with(|h| h.borrow_mut().take());
+        if let Some(mut hook) = hook {
+            hook(step);
+            BETWEEN.with(|h| *h.borrow_mut() = Some(hook));
+        }
+    }
+    #[cfg(not(test))]
+    let _ = step;
+}
+
+struct Parked<C> {
     owner: ThreadId,
-    conn: PooledConnection<Manager>,
+    conn: C,
     since: Instant,
 }
 
-#[derive(Default)]
-pub(crate) struct Parking {
-    shards: Striped<Mutex<Vec<Parked>>>,
+/// Parked connections of type `C` (r2d2's `PooledConnection` in the pool;
+/// generic so the handshake can be tested without a server).
+pub(crate) struct Parking<C> {
+    shards: Striped<Mutex<Vec<Parked<C>>>>,
     waiters: AtomicUsize,
 }
 
-impl std::fmt::Debug for Parking {
+impl<C> Default for Parking<C> {
+    fn default() -> Self {
+        Parking {
+            shards: Striped::default(),
+            waiters: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for Parking<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Parking")
             .field("parked", &self.len())
@@ -61,9 +103,9 @@ impl std::fmt::Debug for Parking {
 }
 
 /// A registered waiter; deregisters on drop.
-pub(crate) struct Waiting<'a>(&'a Parking);
+pub(crate) struct Waiting<'a, C>(&'a Parking<C>);
 
-impl Drop for Waiting<'_> {
+impl<C> Drop for Waiting<'_, C> {
     fn drop(&mut self) {
         self.0.waiters.fetch_sub(1, SeqCst);
     }
@@ -71,23 +113,20 @@ impl Drop for Waiting<'_> {
 
 /// From one stripe: `owner`'s most recently parked connection if given and
 /// there, else the most recently parked one.
-fn take_from(
-    parked: &mut Vec<Parked>,
-    owner: Option<ThreadId>,
-) -> Option<PooledConnection<Manager>> {
+fn take_from<C>(parked: &mut Vec<Parked<C>>, owner: Option<ThreadId>) -> Option<C> {
     let i = owner
         .and_then(|me| parked.iter().rposition(|p| p.owner == me))
         .or_else(|| parked.len().checked_sub(1))?;
     Some(parked.swap_remove(i).conn)
 }
 
-impl Parking {
+impl<C> Parking<C> {
     /// This thread's parked connection, else the most recently parked one of
     /// its stripe, else one from another stripe; with none parked, registers
     /// the caller as waiting (it must then wait in r2d2, where released
     /// connections now go).
     #[inline]
-    pub(crate) fn take(&self) -> Result<PooledConnection<Manager>, Waiting<'_>> {
+    pub(crate) fn take(&self) -> Result<C, Waiting<'_, C>> {
         let (stripe, own) = self.shards.mine();
         // The guard must be gone before looking at the other stripes.
         let mine = take_from(&mut lock(own), Some(this_thread()));
@@ -101,10 +140,11 @@ impl Parking {
     /// line, so the common path stays a few cache lines of code.
     #[cold]
     #[inline(never)]
-    fn take_elsewhere(&self, stripe: usize) -> Result<PooledConnection<Manager>, Waiting<'_>> {
+    fn take_elsewhere(&self, stripe: usize) -> Result<C, Waiting<'_, C>> {
         if let Some(conn) = self.any(stripe) {
             return Ok(conn);
         }
+        between(Step::TakerFoundNothing);
         self.waiters.fetch_add(1, SeqCst);
         let waiting = Waiting(self);
         fence(SeqCst);
@@ -118,7 +158,7 @@ impl Parking {
 
     /// The most recently parked connection of the first stripe, from `from`
     /// on, that has one.
-    fn any(&self, from: usize) -> Option<PooledConnection<Manager>> {
+    fn any(&self, from: usize) -> Option<C> {
         self.shards
             .from(from)
             .find_map(|shard| take_from(&mut lock(shard), None))
@@ -128,14 +168,11 @@ impl Parking {
     /// connection when one must go to r2d2 instead (drop it outside this
     /// call). `now` is when it was released.
     #[inline]
-    pub(crate) fn park(
-        &self,
-        conn: PooledConnection<Manager>,
-        now: Instant,
-    ) -> Option<PooledConnection<Manager>> {
+    pub(crate) fn park(&self, conn: C, now: Instant) -> Option<C> {
         if self.waiters.load(SeqCst) > 0 {
             return Some(conn);
         }
+        between(Step::ParkerSawNoWaiter);
         let (_, own) = self.shards.mine();
         lock(own).push(Parked {
             owner: this_thread(),
@@ -153,12 +190,12 @@ impl Parking {
 
     /// Takes the connections parked for longer than `age` (all of them with
     /// `Duration::ZERO`), to be handed back to r2d2 by dropping them.
-    pub(crate) fn take_older_than(&self, age: Duration) -> Vec<PooledConnection<Manager>> {
+    pub(crate) fn take_older_than(&self, age: Duration) -> Vec<C> {
         let now = Instant::now();
         let mut old = Vec::new();
         for shard in self.shards.from(0) {
             let mut parked = lock(shard);
-            let (aged, young): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut *parked)
+            let (aged, young): (Vec<Parked<C>>, Vec<Parked<C>>) = std::mem::take(&mut *parked)
                 .into_iter()
                 .partition(|p| now.saturating_duration_since(p.since) >= age);
             *parked = young;
@@ -170,5 +207,132 @@ impl Parking {
     /// How many connections are parked.
     pub(crate) fn len(&self) -> usize {
         self.shards.from(0).map(|shard| lock(shard).len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Two threads meet here: each arrival counts one, and a thread goes on
+    /// once both have arrived for its `nth` meeting. Spinning (then
+    /// yielding) rather than a `Barrier`, whose futex wake-up lets one thread
+    /// run microseconds ahead: the race below needs both to start together.
+    fn meet(arrived: &AtomicUsize, nth: &mut usize) {
+        *nth += 1;
+        arrived.fetch_add(1, SeqCst);
+        let mut spins = 0u32;
+        while arrived.load(SeqCst) < 2 * *nth {
+            spins += 1;
+            if spins < 10_000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Runs `other` once, at `step` of the next call on this thread.
+    fn at(step: Step, other: impl FnOnce() + 'static) {
+        let mut other = Some(other);
+        BETWEEN.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |now| {
+                if now == step {
+                    if let Some(other) = other.take() {
+                        other();
+                    }
+                }
+            }))
+        });
+    }
+
+    fn clear() {
+        BETWEEN.with(|h| *h.borrow_mut() = None);
+    }
+
+    #[test]
+    fn a_taker_sees_what_was_parked_after_its_first_look() {
+        // The taker has looked everywhere and found nothing; the parker then
+        // parks (seeing no waiter yet) before the taker registers.
+        let parking: &'static Parking<u64> = Box::leak(Box::default());
+        at(Step::TakerFoundNothing, move || {
+            assert_eq!(parking.park(7, Instant::now()), None, "parked");
+        });
+        let taken = parking.take();
+        clear();
+        assert_eq!(taken.ok(), Some(7), "the taker's second look finds it");
+        assert_eq!(parking.len(), 0);
+    }
+
+    #[test]
+    fn a_parker_hands_back_what_a_waiter_registered_for_meanwhile() {
+        // The parker saw no waiter; before it pushes, a taker looks
+        // everywhere, finds nothing and registers.
+        let parking: &'static Parking<u64> = Box::leak(Box::default());
+        at(Step::ParkerSawNoWaiter, move || {
+            let waiting = parking.take();
+            assert!(waiting.is_err(), "nothing parked yet");
+            // Still waiting (in r2d2) when the parker goes on.
+            std::mem::forget(waiting);
+        });
+        let back = parking.park(7, Instant::now());
+        clear();
+        assert_eq!(back, Some(7), "handed back for r2d2 to pass to the waiter");
+        assert_eq!(parking.len(), 0);
+    }
+
+    /// A thread that finds nothing parked registers as a waiter (and then
+    /// waits in r2d2) while another parks a connection at the same moment:
+    /// either the waiter sees the connection, or the parker sees the waiter
+    /// and hands the connection back for r2d2 to pass on. Never neither: a
+    /// waiter registered while the connection sits parked would wait out a
+    /// whole poll slice for nothing.
+    #[test]
+    fn a_connection_parked_as_a_thread_starts_waiting_is_never_missed_by_both() {
+        const ROUNDS: u64 = 300_000;
+        let parking = Arc::new(Parking::<u64>::default());
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let parker = {
+            let (parking, arrived) = (Arc::clone(&parking), Arc::clone(&arrived));
+            std::thread::spawn(move || {
+                let mut nth = 0;
+                (0..ROUNDS)
+                    .map(|i| {
+                        meet(&arrived, &mut nth);
+                        let handed_back = parking.park(i, Instant::now()).is_some();
+                        meet(&arrived, &mut nth);
+                        meet(&arrived, &mut nth); // the taker empties the stripes
+                        handed_back
+                    })
+                    .collect::<Vec<bool>>()
+            })
+        };
+        let mut nth = 0;
+        let mut waited = Vec::new();
+        for _ in 0..ROUNDS {
+            meet(&arrived, &mut nth);
+            // Still registered while the parker runs, as a real waiter is
+            // while it waits in r2d2.
+            let taken = parking.take();
+            meet(&arrived, &mut nth);
+            waited.push(taken.is_err());
+            drop(taken);
+            drop(parking.take_older_than(Duration::ZERO));
+            meet(&arrived, &mut nth);
+        }
+        let handed_back = parker.join().unwrap();
+        let missed = (0..ROUNDS as usize)
+            .filter(|&i| waited[i] && !handed_back[i])
+            .count();
+        assert_eq!(
+            missed, 0,
+            "rounds where the connection stayed parked while a thread waited"
+        );
+        // And never both: one connection is taken or handed back, not both.
+        let both = (0..ROUNDS as usize)
+            .filter(|&i| !waited[i] && handed_back[i])
+            .count();
+        assert_eq!(both, 0, "a connection both taken and handed back");
     }
 }

@@ -118,7 +118,7 @@ pub(crate) struct Node {
     validate_after_idle: Duration,
     hooks: Arc<Hooks>,
     watchdog: Arc<Watchdog>,
-    parking: Parking,
+    parking: Parking<PooledConnection<Manager>>,
     hot: Striped<Hot>,
     utilization_warned: AtomicBool,
     leaks: Option<LeakTracker>,
@@ -542,7 +542,10 @@ impl Node {
         &'a self,
         start: Instant,
         timeout: Duration,
-        first: std::result::Result<PooledConnection<Manager>, Waiting<'a>>,
+        first: std::result::Result<
+            PooledConnection<Manager>,
+            Waiting<'a, PooledConnection<Manager>>,
+        >,
     ) -> Result<Lease<'a>> {
         let deadline = start + timeout;
         let mut now = start;
