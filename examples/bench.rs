@@ -41,7 +41,9 @@
 //! Queries: `SELECT $1::int`, and a point lookup by primary key on a
 //! 100,000-row table. Each cell is the median of the rounds; ratios are
 //! medians of the per-round ratios. The machine is shared and noisy: read
-//! ratios, not absolute numbers.
+//! ratios, not absolute numbers. Each measurement runs in a child process
+//! of its own (as pgbench does), so no client inherits the heap, allocator
+//! arenas or leftover threads of the clients measured before it.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -194,10 +196,117 @@ struct Setup {
     servers: Vec<u32>,
 }
 
+impl Setup {
+    /// For a `--cell` child: one field per line.
+    fn encode(&self) -> String {
+        let pids: Vec<String> = self.servers.iter().map(u32::to_string).collect();
+        [
+            self.primary.clone(),
+            self.replicas.join(" "),
+            self.port.to_string(),
+            pids.join(" "),
+        ]
+        .join("\n")
+    }
+
+    fn decode(text: &str) -> Result<Setup, AnyError> {
+        let mut lines = text.lines();
+        let mut next = |what: &str| {
+            lines
+                .next()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("PGXKIT_BENCH_SETUP: no {what}"))
+        };
+        Ok(Setup {
+            primary: next("primary")?,
+            replicas: next("replicas")?
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            port: next("port")?.parse()?,
+            pgbench: None,
+            servers: next("server pids")?
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// `--cell CLIENT QUERY THREADS SECS` (QUERY 0 or 1): one cell, in this
+/// fresh process, printed as `CELL qps p50 p99 cpu server`.
+fn cell_child(args: &[String]) -> Result<(), AnyError> {
+    let setup = Setup::decode(&std::env::var("PGXKIT_BENCH_SETUP")?)?;
+    let client = *CLIENTS
+        .iter()
+        .find(|c| c.name() == args[2])
+        .ok_or("--cell: unknown client")?;
+    let query = [Query::Select1, Query::PointLookup][args[3].parse::<usize>()?.min(1)];
+    let c = run(
+        &setup,
+        client,
+        query,
+        args[4].parse()?,
+        Duration::from_secs_f64(args[5].parse()?),
+    )?;
+    println!(
+        "CELL {} {} {} {} {}",
+        c.qps, c.p50_us, c.p99_us, c.cpu_us, c.server_us
+    );
+    Ok(())
+}
+
+/// One cell measured in a child process of its own (pgbench is one
+/// anyway), so that no client runs in a process shaped by the clients
+/// before it: their heaps, allocator arenas and leftover threads.
+fn run_isolated(
+    setup: &Setup,
+    client: Client,
+    query: Query,
+    threads: usize,
+    dur: Duration,
+) -> Result<Cell, AnyError> {
+    if client == Client::Pgbench {
+        return run(setup, client, query, threads, dur);
+    }
+    let q = match query {
+        Query::Select1 => "0",
+        Query::PointLookup => "1",
+    };
+    let out = Command::new(std::env::current_exe()?)
+        .args(["--cell", client.name(), q])
+        .arg(threads.to_string())
+        .arg(dur.as_secs_f64().to_string())
+        .env("PGXKIT_BENCH_SETUP", setup.encode())
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<f64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CELL "))
+        .ok_or_else(|| format!("{} cell failed ({})", client.name(), out.status))?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    match fields[..] {
+        [qps, p50_us, p99_us, cpu_us, server_us] => Ok(Cell {
+            qps,
+            p50_us,
+            p99_us,
+            cpu_us,
+            server_us,
+        }),
+        _ => Err(format!("{} cell: unexpected output {text:?}", client.name()).into()),
+    }
+}
+
 fn main() -> Result<(), AnyError> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--loop") {
         return loop_for_callgrind(&args[2], args[3].parse()?);
+    }
+    if args.get(1).map(String::as_str) == Some("--cell") && args.len() == 6 {
+        return cell_child(&args);
     }
     let value = |flag: &str| {
         args.iter()
@@ -274,7 +383,7 @@ fn main() -> Result<(), AnyError> {
                     if !wanted(client) || client == Client::Pgbench && setup.pgbench.is_none() {
                         continue;
                     }
-                    cells[i].push(run(
+                    cells[i].push(run_isolated(
                         &setup,
                         client,
                         query,
