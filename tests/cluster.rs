@@ -472,10 +472,19 @@ fn lifetime_jitter_spreads_expiry() {
         .build()
         .unwrap();
     let mut admin = local.primary().client().unwrap();
-    let mut last_age: HashMap<i32, f64> = HashMap::new();
-    let mut lifetimes: Vec<f64> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while lifetimes.len() < CONNS && Instant::now() < deadline {
+    // Each closed connection's lifetime lies between its age when last seen
+    // and its age at the first look it was gone. Bounds, not the last age
+    // alone: on a loaded machine a round can take most of a second, and the
+    // last ages then measure the rounds, not the lifetimes.
+    let mut last_seen: HashMap<i32, (f64, f64)> = HashMap::new(); // pid -> (start, age)
+    let mut bounds: Vec<(f64, f64)> = Vec::new();
+    let spread = |bounds: &[(f64, f64)]| {
+        let lowest_upper = bounds.iter().map(|b| b.1).fold(f64::MAX, f64::min);
+        let highest_lower = bounds.iter().map(|b| b.0).fold(0.0, f64::max);
+        highest_lower - lowest_upper
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (bounds.len() < CONNS || spread(&bounds) <= 0.5) && Instant::now() < deadline {
         // Check out every connection at once, so each is looked at each round.
         let barrier = Arc::new(Barrier::new(CONNS));
         let holders: Vec<_> = (0..CONNS)
@@ -494,34 +503,49 @@ fn lifetime_jitter_spreads_expiry() {
         for h in holders {
             h.join().unwrap();
         }
+        let now: f64 = admin
+            .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+            .unwrap()
+            .get(0);
         let rows = admin
             .query(
-                "SELECT pid, extract(epoch FROM clock_timestamp() - backend_start)::float8 \
+                "SELECT pid, extract(epoch FROM backend_start)::float8 \
                  FROM pg_stat_activity WHERE application_name = $1",
                 &[&app],
             )
             .unwrap();
-        let now: HashSet<i32> = rows.iter().map(|r| r.get(0)).collect();
-        for (pid, age) in &last_age {
-            if !now.contains(pid) {
-                lifetimes.push(*age);
+        let alive: HashSet<i32> = rows.iter().map(|r| r.get(0)).collect();
+        for (pid, (start, age)) in &last_seen {
+            if !alive.contains(pid) {
+                bounds.push((*age, now - start));
             }
         }
-        last_age = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        last_seen = rows
+            .iter()
+            .map(|r| {
+                let start: f64 = r.get(1);
+                (r.get(0), (start, now - start))
+            })
+            .collect();
         thread::sleep(Duration::from_millis(30));
     }
     assert!(
-        lifetimes.len() >= CONNS,
+        bounds.len() >= CONNS,
         "only {} connections expired",
-        lifetimes.len()
+        bounds.len()
     );
-    let min = lifetimes.iter().copied().fold(f64::MAX, f64::min);
-    let max = lifetimes.iter().copied().fold(0.0, f64::max);
-    // Without jitter every lifetime would be 0.5 s plus one round.
-    assert!(max - min > 0.5, "lifetimes {lifetimes:?} are not spread");
+    // Without jitter every lifetime would be 0.5 s: here one connection
+    // provably lived more than 0.5 s longer than another.
     assert!(
-        min >= 0.45,
-        "a connection outlived none of its lifetime: {lifetimes:?}"
+        spread(&bounds) > 0.5,
+        "lifetimes (lower, upper bound) of {} connections, first {:?}, are not provably spread",
+        bounds.len(),
+        &bounds[..bounds.len().min(12)]
+    );
+    assert!(
+        bounds.iter().all(|b| b.1 >= 0.45),
+        "a connection closed before its lifetime: {:?}",
+        bounds.iter().find(|b| b.1 < 0.45)
     );
     assert!(cluster.stats().primary().pool.closed_lifetime >= CONNS as u64);
 }
