@@ -22,6 +22,10 @@
 //! - `pgxkit-read1`: `read_query_one` with one replica configured (reads
 //!   from one node; the other replica still runs, so both layouts have the
 //!   same server processes);
+//! - `pgxkit-pinned`: each thread holds one pgxkit pooled connection for the
+//!   whole run (`with_primary`) and uses it exactly as `prepared` does: the
+//!   difference to `prepared` is the connection and the process, the
+//!   difference to `pgxkit` is pgxkit's per-query path;
 //! - `pgbench`: `pgbench -M prepared` with the same query (libpq's ceiling).
 //!
 //! `client CPU µs/query`: user + system CPU of the client (every thread of
@@ -65,10 +69,11 @@ enum Client {
     PgxkitReads,
     PgxkitReadsPerCall,
     PgxkitRead1,
+    PgxkitPinned,
     Pgbench,
 }
 
-const CLIENTS: [Client; 8] = [
+const CLIENTS: [Client; 9] = [
     Client::Prepared,
     Client::R2d2,
     Client::Pgxkit,
@@ -76,6 +81,7 @@ const CLIENTS: [Client; 8] = [
     Client::PgxkitReads,
     Client::PgxkitReadsPerCall,
     Client::PgxkitRead1,
+    Client::PgxkitPinned,
     Client::Pgbench,
 ];
 
@@ -89,6 +95,7 @@ impl Client {
             Client::PgxkitReads => "pgxkit-reads",
             Client::PgxkitReadsPerCall => "pgxkit-reads-percall",
             Client::PgxkitRead1 => "pgxkit-read1",
+            Client::PgxkitPinned => "pgxkit-pinned",
             Client::Pgbench => "pgbench",
         }
     }
@@ -559,7 +566,8 @@ fn run(
         | Client::PgxkitHook
         | Client::PgxkitReads
         | Client::PgxkitReadsPerCall
-        | Client::PgxkitRead1 => {
+        | Client::PgxkitRead1
+        | Client::PgxkitPinned => {
             let mut b = Cluster::builder().primary(&setup.primary).max_conns(8);
             let replicas = if client == Client::PgxkitRead1 {
                 1
@@ -604,8 +612,20 @@ fn run(
                     }
                     _ => None,
                 };
-                // Warm up: connections open, statements prepared.
-                let mut id = 1 + (t as i32 * 7919) % 100_000;
+                let first_id = 1 + (t as i32 * 7919) % 100_000;
+                if client == Client::PgxkitPinned {
+                    let cluster = cluster.as_ref().ok_or("no cluster")?;
+                    let mut lat = None;
+                    cluster.with_primary(|c| {
+                        let stmt = c.prepare(sql)?;
+                        lat = Some(measure(&start, dur, first_id, &mut |id| {
+                            c.query_one(&stmt, &[&id])?;
+                            Ok(())
+                        }));
+                        Ok(())
+                    })?;
+                    return lat.ok_or("with_primary did not run")?;
+                }
                 let mut one = |id: i32| -> Result<(), AnyError> {
                     match client {
                         Client::Prepared => {
@@ -628,26 +648,11 @@ fn run(
                                 .ok_or("no cluster")?
                                 .read_query_one(sql, &[&id])?;
                         }
-                        Client::Pgbench => {}
+                        Client::PgxkitPinned | Client::Pgbench => {}
                     }
                     Ok(())
                 };
-                for _ in 0..50 {
-                    one(id)?;
-                }
-                start.wait();
-                let until = Instant::now() + dur;
-                let mut lat = Vec::with_capacity(100_000);
-                loop {
-                    let t0 = Instant::now();
-                    if t0 >= until {
-                        break;
-                    }
-                    id = id % 100_000 + 1;
-                    one(id)?;
-                    lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
-                }
-                Ok(lat)
+                measure(&start, dur, first_id, &mut one)
             })
         })
         .collect();
@@ -676,6 +681,34 @@ fn run(
         cpu_us: cpu / all.len().max(1) as f64,
         server_us: server / all.len().max(1) as f64,
     })
+}
+
+/// One worker's part of a cell: 50 calls of `one` to warm up (connections
+/// open, statements prepared), then, once every worker is ready, calls for
+/// `dur`; the latency of each, in µs.
+fn measure(
+    start: &Barrier,
+    dur: Duration,
+    first_id: i32,
+    one: &mut dyn FnMut(i32) -> Result<(), AnyError>,
+) -> Result<Vec<u32>, AnyError> {
+    let mut id = first_id;
+    for _ in 0..50 {
+        one(id)?;
+    }
+    start.wait();
+    let until = Instant::now() + dur;
+    let mut lat = Vec::with_capacity(100_000);
+    loop {
+        let t0 = Instant::now();
+        if t0 >= until {
+            break;
+        }
+        id = id % 100_000 + 1;
+        one(id)?;
+        lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+    }
+    Ok(lat)
 }
 
 fn pgbench(setup: &Setup, query: Query, threads: usize, dur: Duration) -> Result<Cell, AnyError> {
