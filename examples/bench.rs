@@ -101,11 +101,14 @@ impl Client {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Query {
     Select1,
     PointLookup,
 }
+
+/// Every query, in the order of the report; a `--cell` child gets its index.
+const QUERIES: [Query; 2] = [Query::Select1, Query::PointLookup];
 
 impl Query {
     fn sql(self) -> &'static str {
@@ -248,7 +251,9 @@ fn cell_child(args: &[String]) -> Result<(), AnyError> {
         .iter()
         .find(|c| c.name() == args[2])
         .ok_or("--cell: unknown client")?;
-    let query = [Query::Select1, Query::PointLookup][args[3].parse::<usize>()?.min(1)];
+    let query = *QUERIES
+        .get(args[3].parse::<usize>()?)
+        .ok_or("--cell: unknown query")?;
     let c = run(
         &setup,
         client,
@@ -263,6 +268,9 @@ fn cell_child(args: &[String]) -> Result<(), AnyError> {
     Ok(())
 }
 
+/// How long a `--cell` child may take beyond its measured duration.
+const CELL_GRACE: Duration = Duration::from_secs(120);
+
 /// One cell measured in a child process of its own (pgbench is one
 /// anyway), so that no client runs in a process shaped by the clients
 /// before it: their heaps, allocator arenas and leftover threads.
@@ -276,22 +284,45 @@ fn run_isolated(
     if client == Client::Pgbench {
         return run(setup, client, query, threads, dur);
     }
-    let q = match query {
-        Query::Select1 => "0",
-        Query::PointLookup => "1",
-    };
-    let out = Command::new(std::env::current_exe()?)
-        .args(["--cell", client.name(), q])
+    let q = QUERIES.iter().position(|&q| q == query).unwrap_or(0);
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--cell", client.name(), &q.to_string()])
         .arg(threads.to_string())
         .arg(dur.as_secs_f64().to_string())
         .env("PGXKIT_BENCH_SETUP", setup.encode())
-        .stderr(std::process::Stdio::inherit())
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    // Start-up, warm-up and the measured `dur` take seconds; a child still
+    // running after this is stuck (a worker that failed before the others
+    // were ready leaves them at the barrier) and is killed.
+    let deadline = Instant::now() + dur + CELL_GRACE;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{} cell did not finish within {:?}",
+                client.name(),
+                dur + CELL_GRACE
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The child writes one short line: it fits the pipe, so it could not
+    // block before exiting.
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut child.stdout.take().ok_or("no child stdout")?,
+        &mut text,
+    )?;
     let fields: Vec<f64> = text
         .lines()
         .find_map(|l| l.strip_prefix("CELL "))
-        .ok_or_else(|| format!("{} cell failed ({})", client.name(), out.status))?
+        .ok_or_else(|| format!("{} cell failed ({status})", client.name()))?
         .split_whitespace()
         .map(str::parse)
         .collect::<Result<_, _>>()?;
@@ -376,7 +407,7 @@ fn main() -> Result<(), AnyError> {
         "pgxkit benchmark: {} round(s) of {secs} s per cell, threads {threads:?}, server on loopback",
         rounds
     );
-    for query in [Query::Select1, Query::PointLookup] {
+    for query in QUERIES {
         println!("\n## {}\n", query.name());
         println!(
             "| threads | client | queries/s | p50 µs | p99 µs | client CPU µs/query | server CPU µs/query | × prepared | × r2d2 | × pgxkit | × read1 | × pgbench |"
@@ -693,10 +724,11 @@ fn measure(
     one: &mut dyn FnMut(i32) -> Result<(), AnyError>,
 ) -> Result<Vec<u32>, AnyError> {
     let mut id = first_id;
-    for _ in 0..50 {
-        one(id)?;
-    }
+    let warm = (0..50).try_for_each(|_| one(id));
+    // Reach the barrier even after a failure, so the others are not left
+    // waiting for this worker; the error is returned below.
     start.wait();
+    warm?;
     let until = Instant::now() + dur;
     let mut lat = Vec::with_capacity(100_000);
     loop {
