@@ -867,13 +867,26 @@ fn opt_count(row: &Option<Row>) -> Option<u64> {
 }
 
 pub(crate) fn exactly_one(out: Output, node: &Node) -> Result<Row> {
-    at_most_one(out, node)?.ok_or_else(|| Error::new(ErrorKind::NotFound).with_node(&node.info))
+    match at_most_one(out, node)? {
+        Some(row) => Ok(row),
+        None => Err(not_found(node)),
+    }
 }
 
 pub(crate) fn at_most_one(out: Output, node: &Node) -> Result<Option<Row>> {
-    out.opt().map_err(|()| {
-        Error::new(ErrorKind::TooManyRows)
-            .with_node(&node.info)
-            .with_detail("more than one row")
-    })
+    out.opt().map_err(|()| too_many_rows(node))
+}
+
+#[cold]
+#[inline(never)]
+fn not_found(node: &Node) -> Error {
+    Error::new(ErrorKind::NotFound).with_node(&node.info)
+}
+
+#[cold]
+#[inline(never)]
+fn too_many_rows(node: &Node) -> Error {
+    Error::new(ErrorKind::TooManyRows)
+        .with_node(&node.info)
+        .with_detail("more than one row")
 }

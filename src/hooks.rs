@@ -515,6 +515,23 @@ pub(crate) fn around<T>(
     if !hooks.wraps_operations() {
         return op();
     }
+    hooked(hooks, kind, node, sql, params, rows, op)
+}
+
+/// [`around`] with hooks registered: out of line, so an operation without
+/// hooks does not carry this code (and a second copy of `op`) through the
+/// instruction cache.
+#[cold]
+#[inline(never)]
+fn hooked<T>(
+    hooks: &Hooks,
+    kind: OperationKind,
+    node: &NodeInfo,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    rows: impl Fn(&T) -> Option<u64>,
+    op: impl FnOnce() -> Result<T, Error>,
+) -> Result<T, Error> {
     let before = BeforeOperation {
         kind,
         sql,

@@ -176,9 +176,11 @@ impl Drop for Lease<'_> {
                 && !node.shared.closed.load(Relaxed);
             if reusable {
                 conn.mark_returned(now);
-                drop(node.parking.park(conn, now));
+                if let Some(conn) = node.parking.park(conn, now) {
+                    give_back(conn);
+                }
             } else {
-                drop(conn);
+                give_back(conn);
             }
         }
         node.hot.get(self.stripe).in_use.fetch_sub(1, Relaxed);
@@ -186,6 +188,15 @@ impl Drop for Lease<'_> {
             self.released_extras();
         }
     }
+}
+
+/// Hands a connection back to r2d2 (which discards it if it is broken or
+/// expired). Out of line: the common release parks the connection instead,
+/// and r2d2's return path is large.
+#[cold]
+#[inline(never)]
+fn give_back(conn: PooledConnection<Manager>) {
+    drop(conn);
 }
 
 impl Lease<'_> {
@@ -977,6 +988,8 @@ impl Node {
 
     /// Converts a driver error, marking the connection broken when the
     /// error says the connection itself is gone.
+    #[cold]
+    #[inline(never)]
     pub(crate) fn failed(&self, conn: &mut Lease<'_>, err: postgres::Error) -> Error {
         let err = Error::from_postgres(err, &self.info);
         if err.is_connection_error() || conn.client.is_closed() {

@@ -115,9 +115,21 @@ impl StatementCache {
         if let Some(statement) = self.get(sql) {
             return Ok((statement, true));
         }
+        self.prepare_new(client, sql).map(|s| (s, false))
+    }
+
+    /// A cache miss: prepares `sql` on the server and caches it. Out of
+    /// line, so the hit path stays short.
+    #[cold]
+    #[inline(never)]
+    fn prepare_new(
+        &mut self,
+        client: &mut Client,
+        sql: &str,
+    ) -> Result<Statement, postgres::Error> {
         let statement = client.prepare(sql)?;
         self.insert(sql, statement.clone());
-        Ok((statement, false))
+        Ok(statement)
     }
 
     /// Runs `run` with the cached statement for `sql`; if the statement
@@ -131,14 +143,26 @@ impl StatementCache {
     ) -> Result<(T, Statement, bool), postgres::Error> {
         let (statement, hit) = self.prepare(client, sql)?;
         match run(client, &statement) {
-            Err(e) if hit && is_stale(&e) => {
-                log::debug!("re-preparing a stale cached statement: {e}");
-                self.remove(sql);
-                let (statement, _) = self.prepare(client, sql)?;
-                run(client, &statement).map(|v| (v, statement, false))
-            }
+            Err(e) if hit && is_stale(&e) => self.rerun(client, sql, e, run),
             other => other.map(|v| (v, statement, hit)),
         }
+    }
+
+    /// [`run`](Self::run) after the server called the cached statement
+    /// stale (`err`): evicts it, prepares it again and runs once more.
+    #[cold]
+    #[inline(never)]
+    fn rerun<T>(
+        &mut self,
+        client: &mut Client,
+        sql: &str,
+        err: postgres::Error,
+        run: impl Fn(&mut Client, &Statement) -> Result<T, postgres::Error>,
+    ) -> Result<(T, Statement, bool), postgres::Error> {
+        log::debug!("re-preparing a stale cached statement: {err}");
+        self.remove(sql);
+        let statement = self.prepare_new(client, sql)?;
+        run(client, &statement).map(|v| (v, statement, false))
     }
 }
 
