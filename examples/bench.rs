@@ -293,8 +293,10 @@ fn run_isolated(
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     // Start-up, warm-up and the measured `dur` take seconds; a child still
-    // running after this is stuck (a worker that failed before the others
-    // were ready leaves them at the barrier) and is killed.
+    // running after this is stuck (a call that never returns: the clients
+    // measured here have no statement timeout) and is killed. A worker that
+    // fails early does not hold the others up (see `Start`): the child then
+    // exits with its error, printed on stderr.
     let deadline = Instant::now() + dur + CELL_GRACE;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -536,12 +538,12 @@ fn spin(
     let start = Arc::new(Barrier::new(threads + 1));
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (op, start) = (Arc::clone(&op), Arc::clone(&start));
+            let (op, start) = (Arc::clone(&op), Start::new(&start));
             std::thread::spawn(move || -> Result<u64, AnyError> {
                 for _ in 0..100 {
                     op()?;
                 }
-                start.wait();
+                start.arrive();
                 let until = Instant::now() + dur;
                 let mut n = 0u64;
                 while Instant::now() < until {
@@ -630,7 +632,7 @@ fn run(
     let start = Arc::new(Barrier::new(threads + 1));
     let workers: Vec<_> = (0..threads)
         .map(|t| {
-            let (cluster, r2d2, start) = (cluster.clone(), r2d2.clone(), Arc::clone(&start));
+            let (cluster, r2d2, start) = (cluster.clone(), r2d2.clone(), Start::new(&start));
             let primary = setup.primary.clone();
             std::thread::spawn(move || -> Result<Vec<u32>, AnyError> {
                 let sql = query.sql();
@@ -714,20 +716,51 @@ fn run(
     })
 }
 
+/// A worker's place at the start barrier: it arrives once, either when it
+/// is ready or, if it fails or panics before that, when this is dropped, so
+/// the other workers and the parent are never left waiting for it (the
+/// failure then comes back through `join`).
+struct Start {
+    barrier: Arc<Barrier>,
+    arrived: std::cell::Cell<bool>,
+}
+
+impl Start {
+    fn new(barrier: &Arc<Barrier>) -> Self {
+        Start {
+            barrier: Arc::clone(barrier),
+            arrived: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Waits for everyone else (once; later calls return at once).
+    fn arrive(&self) {
+        if !self.arrived.replace(true) {
+            self.barrier.wait();
+        }
+    }
+}
+
+impl Drop for Start {
+    fn drop(&mut self) {
+        self.arrive();
+    }
+}
+
 /// One worker's part of a cell: 50 calls of `one` to warm up (connections
 /// open, statements prepared), then, once every worker is ready, calls for
 /// `dur`; the latency of each, in µs.
 fn measure(
-    start: &Barrier,
+    start: &Start,
     dur: Duration,
     first_id: i32,
     one: &mut dyn FnMut(i32) -> Result<(), AnyError>,
 ) -> Result<Vec<u32>, AnyError> {
     let mut id = first_id;
     let warm = (0..50).try_for_each(|_| one(id));
-    // Reach the barrier even after a failure, so the others are not left
-    // waiting for this worker; the error is returned below.
-    start.wait();
+    // Arrive even after a failure (the error is returned below) so the
+    // measured time starts for everyone together.
+    start.arrive();
     warm?;
     let until = Instant::now() + dur;
     let mut lat = Vec::with_capacity(100_000);
@@ -821,6 +854,19 @@ fn loop_for_callgrind(client: &str, n: u32) -> Result<(), AnyError> {
                 cluster.query_one("SELECT $1::int", &[&i])?;
             }
         }
+        "pgxkit-pinned" => {
+            let cluster = Cluster::builder()
+                .primary(dsn)
+                .health_check_period(Duration::from_secs(86_400))
+                .build()?;
+            cluster.with_primary(|c| {
+                let stmt = c.prepare("SELECT $1::int")?;
+                for i in 0..n as i32 {
+                    c.query_one(&stmt, &[&i])?;
+                }
+                Ok(())
+            })?;
+        }
         other => return Err(format!("unknown client {other}").into()),
     }
     Ok(())
@@ -831,13 +877,15 @@ fn loop_for_callgrind(client: &str, n: u32) -> Result<(), AnyError> {
 fn callgrind(setup: &Setup) -> Result<(), AnyError> {
     let exe = std::env::current_exe()?;
     let (short, long) = (2_000u32, 12_000u32);
+    // Per client: (instructions, simulated L1i misses) per query.
     let mut per_query = Vec::new();
-    for client in ["prepared", "pgxkit", "pgxkit-hook"] {
+    for client in ["prepared", "pgxkit-pinned", "pgxkit", "pgxkit-hook"] {
         let mut totals = Vec::new();
         for n in [short, long] {
             let out_file = std::env::temp_dir().join(format!("pgxkit-callgrind-{client}-{n}.out"));
             let status = Command::new("valgrind")
                 .arg("--tool=callgrind")
+                .arg("--cache-sim=yes")
                 .arg(format!("--callgrind-out-file={}", out_file.display()))
                 .arg(&exe)
                 .args(["--loop", client, &n.to_string()])
@@ -849,28 +897,59 @@ fn callgrind(setup: &Setup) -> Result<(), AnyError> {
             }
             let text = std::fs::read_to_string(&out_file)?;
             let _ = std::fs::remove_file(&out_file);
-            let total: u64 = text
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("summary:")
-                        .or_else(|| l.strip_prefix("totals:"))
-                })
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .ok_or("no totals in the callgrind output")?;
-            totals.push(total);
+            totals.push(callgrind_totals(&text).ok_or("no totals in the callgrind output")?);
         }
-        let per = (totals[1] - totals[0]) as f64 / f64::from(long - short);
-        println!("{client}: {per:.0} instructions per query (callgrind, whole process)");
-        per_query.push(per);
+        let per = |i: usize| (totals[1][i] - totals[0][i]) as f64 / f64::from(long - short);
+        let (ir, i1) = (per(0), per(1));
+        println!(
+            "{client}: {ir:.0} instructions and {i1:.0} L1i misses (simulated) per query \
+             (callgrind, whole process)"
+        );
+        per_query.push((ir, i1));
     }
+    let [prepared, pinned, pgxkit, hook] = per_query[..] else {
+        return Err("callgrind: a client is missing".into());
+    };
     println!(
-        "pgxkit / prepared postgres::Client: {:.3}x",
-        per_query[1] / per_query[0]
+        "pgxkit / prepared postgres::Client: {:.3}x instructions, {:+.0} L1i misses per query",
+        pgxkit.0 / prepared.0,
+        pgxkit.1 - prepared.1
+    );
+    println!(
+        "pgxkit / pgxkit-pinned (pgxkit's per-query path): {:.3}x instructions, {:+.0} L1i misses",
+        pgxkit.0 / pinned.0,
+        pgxkit.1 - pinned.1
     );
     println!(
         "one trivial after_operation hook: {:+.1}% instructions per query",
-        (per_query[2] / per_query[1] - 1.0) * 100.0
+        (hook.0 / pgxkit.0 - 1.0) * 100.0
     );
     Ok(())
+}
+
+/// Instructions (`Ir`) and L1 instruction-cache misses (`I1mr`) of a whole
+/// callgrind run, from its `events:` and `summary:` (or `totals:`) lines.
+fn callgrind_totals(text: &str) -> Option<[u64; 2]> {
+    let events: Vec<&str> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("events:"))?
+        .split_whitespace()
+        .collect();
+    let values: Vec<u64> = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let at = |name: &str| {
+        events
+            .iter()
+            .position(|e| *e == name)
+            .and_then(|i| values.get(i).copied())
+    };
+    Some([at("Ir")?, at("I1mr")?])
 }
