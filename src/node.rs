@@ -536,7 +536,7 @@ impl Node {
         // fast path (a parked connection that needs no check) reads the
         // clock once, here.
         let start = Instant::now();
-        match self.parking.take() {
+        match self.parking.take(|| self.pool.try_get()) {
             Ok(conn) if !conn.expired(start) && conn.idle_for(start) < self.validate_after_idle => {
                 Ok(self.lease(conn, start, start, false))
             }
@@ -566,7 +566,7 @@ impl Node {
             let taken = match first.take() {
                 Some(taken) => taken,
                 None if now >= deadline => return Err(self.checkout_failed(start, timeout)),
-                None => self.parking.take(),
+                None => self.parking.take(|| self.pool.try_get()),
             };
             let got = match taken {
                 Ok(conn) => Ok(conn),
