@@ -536,17 +536,24 @@ impl Node {
         // fast path (a parked connection that needs no check) reads the
         // clock once, here.
         let start = Instant::now();
-        match self.parking.take(|| self.pool.try_get()) {
+        // Set when this thread found nothing parked and asked r2d2.
+        let mut unparked = false;
+        let taken = self.parking.take(|| {
+            unparked = true;
+            self.pool.try_get()
+        });
+        match taken {
             Ok(conn) if !conn.expired(start) && conn.idle_for(start) < self.validate_after_idle => {
-                Ok(self.lease(conn, start, start, false))
+                Ok(self.lease(conn, start, start, unparked))
             }
-            first => self.checkout_slow(start, timeout, first),
+            first => self.checkout_slow(start, timeout, first, unparked),
         }
     }
 
     /// The rest of [`checkout_within`](Self::checkout_within): waiting in
     /// r2d2, validating, discarding, failing. Out of line, so the common
-    /// path stays a few cache lines of code.
+    /// path stays a few cache lines of code. `first` is the first look's
+    /// result; `from_pool`, whether that look found nothing parked.
     #[cold]
     #[inline(never)]
     fn checkout_slow<'a>(
@@ -557,16 +564,19 @@ impl Node {
             PooledConnection<Manager>,
             Waiting<'a, PooledConnection<Manager>>,
         >,
+        mut from_pool: bool,
     ) -> Result<Lease<'a>> {
         let deadline = start + timeout;
         let mut now = start;
-        let mut from_pool = false;
         let mut first = Some(first);
         loop {
             let taken = match first.take() {
                 Some(taken) => taken,
                 None if now >= deadline => return Err(self.checkout_failed(start, timeout)),
-                None => self.parking.take(|| self.pool.try_get()),
+                None => self.parking.take(|| {
+                    from_pool = true;
+                    self.pool.try_get()
+                }),
             };
             let got = match taken {
                 Ok(conn) => Ok(conn),

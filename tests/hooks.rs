@@ -435,6 +435,29 @@ fn a_pool_past_90_percent_is_logged() {
 }
 
 #[test]
+fn a_pool_past_90_percent_is_logged_when_it_served_idle_connections() {
+    // A checkout that finds nothing parked but an idle connection in r2d2
+    // looks at utilisation too, not only every 16th checkout of a thread.
+    logs();
+    let local = LocalCluster::start(0).unwrap();
+    let port = local.primary().port().to_string();
+    let cluster = single(&local).max_conns(2).min_conns(2).build().unwrap();
+    wait_for("two idle connections", Duration::from_secs(10), || {
+        cluster.stats().primary().pool.idle_conns == 2
+    });
+    let inner = cluster.clone();
+    cluster
+        .with_primary(move |_| Ok(inner.with_primary(|_| Ok(()))))
+        .unwrap()
+        .unwrap();
+    let lines: Vec<_> = log_lines("100% in use")
+        .into_iter()
+        .filter(|(_, l)| l.contains(&port))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+}
+
+#[test]
 fn node_events_reach_their_hooks() {
     let local = LocalCluster::start(1).unwrap();
     let events = Arc::new(Mutex::new(Vec::new()));

@@ -528,10 +528,7 @@ const LOWEST_PORT: u16 = 20_000;
 /// the server then fails with "Address already in use". Falls back to
 /// `bind(0)` when the range leaves no room below it.
 pub(crate) fn free_port(step: &'static str) -> Result<TcpListener, Error> {
-    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
+    let ephemeral_low = ephemeral_range_start().unwrap_or(32_768);
     if ephemeral_low > LOWEST_PORT + 1_000 {
         // Random, so parallel test processes rarely try the same port; a
         // port in use (another kit's server) fails to bind and is skipped.
@@ -546,18 +543,23 @@ pub(crate) fn free_port(step: &'static str) -> Result<TcpListener, Error> {
         .map_err(|e| Error::new(step, format!("no free port on 127.0.0.1: {e}")))
 }
 
+/// The first port of the kernel's ephemeral range, where Linux tells.
+fn ephemeral_range_start() -> Option<u16> {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn free_ports_lie_below_the_ephemeral_range() {
-        let low: u16 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .expect("Linux exposes the ephemeral port range")
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .expect("a port number");
+        let low = ephemeral_range_start().expect("Linux exposes the ephemeral port range");
         if low <= LOWEST_PORT + 1_000 {
             return; // no room below the range here: bind(0) is the fallback
         }
