@@ -416,12 +416,9 @@ fn leak_detection_reports_a_held_connection_once_and_not_a_returned_one() {
     );
 }
 
-#[test]
-fn a_pool_past_90_percent_is_logged() {
-    logs();
-    let local = LocalCluster::start(0).unwrap();
-    let port = local.primary().port().to_string();
-    let cluster = single(&local).max_conns(2).build().unwrap();
+/// Checks out both connections of a 2-connection pool (nested) and expects
+/// the "100% in use" warning for the node on `port` exactly once.
+fn assert_full_once_when_both_are_checked_out(cluster: &Cluster, port: &str) {
     let inner = cluster.clone();
     cluster
         .with_primary(move |_| Ok(inner.with_primary(|_| Ok(()))))
@@ -429,9 +426,18 @@ fn a_pool_past_90_percent_is_logged() {
         .unwrap();
     let lines: Vec<_> = log_lines("100% in use")
         .into_iter()
-        .filter(|(_, l)| l.contains(&port))
+        .filter(|(_, l)| l.contains(port))
         .collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
+}
+
+#[test]
+fn a_pool_past_90_percent_is_logged() {
+    logs();
+    let local = LocalCluster::start(0).unwrap();
+    let port = local.primary().port().to_string();
+    let cluster = single(&local).max_conns(2).build().unwrap();
+    assert_full_once_when_both_are_checked_out(&cluster, &port);
 }
 
 #[test]
@@ -445,16 +451,7 @@ fn a_pool_past_90_percent_is_logged_when_it_served_idle_connections() {
     wait_for("two idle connections", Duration::from_secs(10), || {
         cluster.stats().primary().pool.idle_conns == 2
     });
-    let inner = cluster.clone();
-    cluster
-        .with_primary(move |_| Ok(inner.with_primary(|_| Ok(()))))
-        .unwrap()
-        .unwrap();
-    let lines: Vec<_> = log_lines("100% in use")
-        .into_iter()
-        .filter(|(_, l)| l.contains(&port))
-        .collect();
-    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_full_once_when_both_are_checked_out(&cluster, &port);
 }
 
 #[test]
