@@ -536,7 +536,8 @@ impl Node {
         // fast path (a parked connection that needs no check) reads the
         // clock once, here.
         let start = Instant::now();
-        // Set when this thread found nothing parked and asked r2d2.
+        // Set when this thread had no connection of its own parked and asked
+        // r2d2.
         let mut unparked = false;
         let taken = self.parking.take(|| {
             unparked = true;
@@ -553,7 +554,8 @@ impl Node {
     /// The rest of [`checkout_within`](Self::checkout_within): waiting in
     /// r2d2, validating, discarding, failing. Out of line, so the common
     /// path stays a few cache lines of code. `first` is the first look's
-    /// result; `from_pool`, whether that look found nothing parked.
+    /// result; `from_pool`, whether that look found no connection of this
+    /// thread's parked.
     #[cold]
     #[inline(never)]
     fn checkout_slow<'a>(
