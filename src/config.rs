@@ -242,6 +242,12 @@ impl ClusterBuilder {
 
     /// Maximum connections per node. Defaults to the DSN's `pool_max_conns`,
     /// else the number of CPUs, at least 4.
+    ///
+    /// Below this many, a checkout that finds no free connection waits for
+    /// the one it makes the pool open (as Go's pgxpool does), so threads do
+    /// not trade connections while the pool fills; at this many, or while
+    /// opening connections fails, it waits for one to be released. Either
+    /// wait is bounded by [`checkout_timeout`](Self::checkout_timeout).
     pub fn max_conns(mut self, n: u32) -> Self {
         self.pool.max_conns = Some(n);
         self

@@ -77,6 +77,11 @@ impl PoolShared {
         })
     }
 
+    /// Whether the latest attempt to connect failed (until one succeeds).
+    pub(crate) fn connect_failing(&self) -> bool {
+        lock(&self.last_connect_error).is_some()
+    }
+
     /// The latest connect failure if it happened at or after `since`.
     pub(crate) fn connect_error_since(&self, since: Instant) -> Option<String> {
         lock(&self.last_connect_error)

@@ -539,10 +539,13 @@ impl Node {
         // Set when this thread had no connection of its own parked and asked
         // r2d2.
         let mut unparked = false;
-        let taken = self.parking.take(|| {
-            unparked = true;
-            self.pool.try_get()
-        });
+        let taken = self.parking.take(
+            || {
+                unparked = true;
+                self.pool.try_get()
+            },
+            |growers| self.may_grow(growers),
+        );
         match taken {
             Ok(conn) if !conn.expired(start) && conn.idle_for(start) < self.validate_after_idle => {
                 Ok(self.lease(conn, start, start, unparked))
@@ -571,14 +574,30 @@ impl Node {
         let deadline = start + timeout;
         let mut now = start;
         let mut first = Some(first);
+        // A grower whose slice ended before its new connection came.
+        let mut growing = None;
         loop {
             let taken = match first.take() {
                 Some(taken) => taken,
                 None if now >= deadline => return Err(self.checkout_failed(start, timeout)),
-                None => self.parking.take(|| {
-                    from_pool = true;
-                    self.pool.try_get()
-                }),
+                None => {
+                    // Still waiting for the connection it made r2d2 open:
+                    // not through the stripes again, where it would take a
+                    // thread's parked one.
+                    let grower = growing
+                        .take()
+                        .filter(|_| self.may_grow(self.parking.growers()));
+                    match grower {
+                        Some(waiting) => Err(waiting),
+                        None => self.parking.take(
+                            || {
+                                from_pool = true;
+                                self.pool.try_get()
+                            },
+                            |growers| self.may_grow(growers),
+                        ),
+                    }
+                }
             };
             let got = match taken {
                 Ok(conn) => Ok(conn),
@@ -588,8 +607,17 @@ impl Node {
                         .saturating_duration_since(now)
                         .min(CONNECT_FAILURE_POLL);
                     let got = self.pool.get_timeout(slice);
-                    drop(waiting);
                     now = Instant::now();
+                    if got.is_err() && waiting.is_growing() {
+                        // No connection yet: a grower goes on waiting for
+                        // its new one while the pool may still grow. If the
+                        // connect failed, it does not fail at once: it looks
+                        // again, now as a waiter whom releases serve
+                        // (`may_grow` says no while connects fail).
+                        growing = Some(waiting);
+                        continue;
+                    }
+                    drop(waiting);
                     got
                 }
             };
@@ -619,6 +647,19 @@ impl Node {
             }
             return Ok(self.lease(conn, start, now, from_pool));
         }
+    }
+
+    /// Whether a checkout that found nothing may wait for a new connection
+    /// (see [`Parking::take`]): the pool is open, below `max_conns` with
+    /// `growers` more, and the latest connect did not fail.
+    #[cold]
+    #[inline(never)]
+    fn may_grow(&self, growers: usize) -> bool {
+        if self.shared.closed.load(Relaxed) || self.shared.connect_failing() {
+            return false;
+        }
+        let open = usize::try_from(self.pool.state().connections).unwrap_or(usize::MAX);
+        open.saturating_add(growers) <= usize::try_from(self.max_conns).unwrap_or(usize::MAX)
     }
 
     /// Books a successful checkout: counters, the utilisation warning, leak

@@ -550,22 +550,27 @@ fn lifetime_jitter_spreads_expiry() {
     assert!(cluster.stats().primary().pool.closed_lifetime >= CONNS as u64);
 }
 
-#[test]
-fn each_thread_keeps_its_own_connection() {
-    const THREADS: usize = 4;
+/// The backend of each of `threads` threads' `queries` queries, run at
+/// once on a fresh primary with one connection per thread at most.
+fn backends_seen_by_each_thread(threads: usize, queries: usize) -> Vec<Vec<i32>> {
     let local = LocalCluster::start(0).unwrap();
     let cluster = Cluster::builder()
         .primary(local.primary_dsn())
-        .max_conns(THREADS as u32)
+        .max_conns(threads as u32)
         .build()
         .unwrap();
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let workers: Vec<_> = (0..THREADS)
+    assert_eq!(
+        cluster.stats().primary().pool.total_conns,
+        0,
+        "starts empty"
+    );
+    let barrier = Arc::new(Barrier::new(threads));
+    let workers: Vec<_> = (0..threads)
         .map(|_| {
             let (cluster, barrier) = (cluster.clone(), barrier.clone());
             thread::spawn(move || {
                 barrier.wait();
-                (0..400)
+                (0..queries)
                     .map(|_| {
                         cluster
                             .query_one("SELECT pg_backend_pid()", &[])
@@ -576,12 +581,74 @@ fn each_thread_keeps_its_own_connection() {
             })
         })
         .collect();
-    for w in workers {
-        let pids = w.join().unwrap();
-        // After the start-up shuffle, a thread gets back the connection it used last.
+    workers.into_iter().map(|w| w.join().unwrap()).collect()
+}
+
+#[test]
+fn each_thread_keeps_its_own_connection() {
+    for pids in backends_seen_by_each_thread(4, 400) {
+        // A thread gets back the connection it used last.
         let late: HashSet<i32> = pids[200..].iter().copied().collect();
         assert_eq!(late.len(), 1, "a thread switched backends: {late:?}");
     }
+}
+
+#[test]
+fn while_the_pool_fills_each_thread_keeps_the_first_connection_it_gets() {
+    const THREADS: usize = 6;
+    let seen: Vec<HashSet<i32>> = backends_seen_by_each_thread(THREADS, 200)
+        .into_iter()
+        .map(|pids| pids.into_iter().collect())
+        .collect();
+    // Each thread waited for a connection of its own to be opened rather
+    // than for another thread's to be handed over.
+    assert!(
+        seen.iter().all(|pids| pids.len() == 1),
+        "backends seen by each thread: {seen:?}"
+    );
+    let all: HashSet<i32> = seen.into_iter().flatten().collect();
+    assert_eq!(all.len(), THREADS, "one connection per thread");
+}
+
+#[test]
+fn a_checkout_the_server_refuses_a_new_connection_for_is_served_by_a_release() {
+    const THREADS: usize = 3;
+    let local = LocalCluster::start(0).unwrap();
+    Cluster::connect(&local.primary_dsn())
+        .unwrap()
+        .batch_execute("CREATE ROLE limited LOGIN CONNECTION LIMIT 2")
+        .unwrap();
+    // Room for three in the pool, two on the server: the third connection
+    // the pool tries to open is refused.
+    let cluster = Cluster::builder()
+        .primary(local.primary_dsn().replacen("postgres@", "limited@", 1))
+        .max_conns(THREADS as u32)
+        .checkout_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let (cluster, barrier) = (cluster.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                (0..100)
+                    .map(|_| cluster.query_one("SELECT 1", &[]).map(|_| ()))
+                    .collect::<Result<Vec<()>, _>>()
+            })
+        })
+        .collect();
+    for w in workers {
+        if let Err(e) = w.join().unwrap() {
+            panic!("a query failed: {e}");
+        }
+    }
+    let pool = cluster.stats().primary().pool.clone();
+    assert!(
+        pool.connect_failures >= 1,
+        "the server never refused: {pool:?}"
+    );
+    assert_eq!(pool.total_conns, 2, "{pool:?}");
 }
 
 #[test]
