@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo run --release --example bench                       # full: 4 thread counts, 3 rounds, 2 s each
-//! cargo run --release --example bench -- --secs 1 --rounds 1 # quick look
+//! cargo run --release --example bench -- --secs 1 --rounds 1 --warmup 0 # quick look
 //! cargo run --release --example bench -- --callgrind         # client instructions per query
 //! cargo run --release --example bench -- --clients pgxkit,pgxkit-reads --threads 4,8
 //! cargo run --release --example bench -- --checkout          # the pool alone, no statement
@@ -37,6 +37,13 @@
 //! `--checkout`: checkouts per second with no statement (pgxkit's
 //! `with_primary` with an empty closure against r2d2's `get` without its
 //! ping), to see the pool's own overhead and how it scales with threads.
+//!
+//! `--warmup SECS` (default 1): each thread of a cell runs queries this long
+//! before the measured seconds (after 50 it always runs). On 2 cores shared
+//! with the servers, a client thread and its backend take about a second
+//! to end up on one CPU, and a 2 s cell straight after start-up measures
+//! that as much as the client. pgbench cells get no warm-up (pgbench has
+//! none).
 //!
 //! Ratios: `× pgxkit` is against pgxkit on the primary, `× read1` against
 //! reads from one replica. `--clients a,b` runs only those clients (ratios to
@@ -204,6 +211,8 @@ struct Setup {
     pgbench: Option<std::path::PathBuf>,
     /// The postmasters' pids, for the server CPU column.
     servers: Vec<u32>,
+    /// `--warmup`: passed to `--cell` children as `PGXKIT_BENCH_WARMUP`.
+    warmup: Duration,
 }
 
 impl Setup {
@@ -239,6 +248,8 @@ impl Setup {
                 .split_whitespace()
                 .map(str::parse)
                 .collect::<Result<_, _>>()?,
+            // A child reads it from its own variable (see `warmup`).
+            warmup: Duration::ZERO,
         })
     }
 }
@@ -290,6 +301,10 @@ fn run_isolated(
         .arg(threads.to_string())
         .arg(dur.as_secs_f64().to_string())
         .env("PGXKIT_BENCH_SETUP", setup.encode())
+        .env(
+            "PGXKIT_BENCH_WARMUP",
+            setup.warmup.as_secs_f64().to_string(),
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     // Start-up, warm-up and the measured `dur` take seconds; a child still
@@ -356,6 +371,12 @@ fn main() -> Result<(), AnyError> {
     };
     let secs: f64 = value("--secs").map_or(Ok(2.0), |v| v.parse())?;
     let rounds: usize = value("--rounds").map_or(Ok(3), |v| v.parse())?;
+    let warmup = value("--warmup")
+        .map_or(Ok(1.0), |v| v.parse::<f64>())
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or("--warmup: not a number of seconds")?;
     let threads: Vec<usize> = value("--threads")
         .unwrap_or_else(|| "1,2,4,8".into())
         .split(',')
@@ -389,6 +410,7 @@ fn main() -> Result<(), AnyError> {
             .chain(local.replicas())
             .filter_map(|n| n.pid())
             .collect(),
+        warmup,
     };
     let mut admin = local.primary().client()?;
     admin.batch_execute(
@@ -406,8 +428,8 @@ fn main() -> Result<(), AnyError> {
     }
 
     println!(
-        "pgxkit benchmark: {} round(s) of {secs} s per cell, threads {threads:?}, server on loopback",
-        rounds
+        "pgxkit benchmark: {} round(s) of {secs} s per cell after {:?} of warm-up, threads {threads:?}, server on loopback",
+        rounds, warmup
     );
     for query in QUERIES {
         println!("\n## {}\n", query.name());
@@ -750,6 +772,21 @@ impl Drop for Start {
 /// One worker's part of a cell: 50 calls of `one` to warm up (connections
 /// open, statements prepared), then, once every worker is ready, calls for
 /// `dur`; the latency of each, in µs.
+/// Warm-up beyond the first 50 queries of each thread:
+/// `PGXKIT_BENCH_WARMUP` seconds (a `--cell` child gets `--warmup`'s), else
+/// none.
+fn warmup() -> Result<Duration, AnyError> {
+    match std::env::var("PGXKIT_BENCH_WARMUP") {
+        Ok(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| format!("PGXKIT_BENCH_WARMUP: not a number of seconds: {v:?}").into()),
+        Err(_) => Ok(Duration::ZERO),
+    }
+}
+
 fn measure(
     start: &Start,
     dur: Duration,
@@ -757,7 +794,14 @@ fn measure(
     one: &mut dyn FnMut(i32) -> Result<(), AnyError>,
 ) -> Result<Vec<u32>, AnyError> {
     let mut id = first_id;
-    let warm = (0..50).try_for_each(|_| one(id));
+    let warm = warmup().and_then(|extra| {
+        (0..50).try_for_each(|_| one(id))?;
+        let until = Instant::now() + extra;
+        while Instant::now() < until {
+            one(id)?;
+        }
+        Ok(())
+    });
     // Arrive even after a failure (the error is returned below) so the
     // measured time starts for everyone together.
     start.arrive();
