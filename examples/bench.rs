@@ -372,10 +372,7 @@ fn main() -> Result<(), AnyError> {
     let secs: f64 = value("--secs").map_or(Ok(2.0), |v| v.parse())?;
     let rounds: usize = value("--rounds").map_or(Ok(3), |v| v.parse())?;
     let warmup = value("--warmup")
-        .map_or(Ok(1.0), |v| v.parse::<f64>())
-        .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .map_or(Some(Duration::from_secs(1)), |v| seconds(&v))
         .ok_or("--warmup: not a number of seconds")?;
     let threads: Vec<usize> = value("--threads")
         .unwrap_or_else(|| "1,2,4,8".into())
@@ -777,14 +774,18 @@ impl Drop for Start {
 /// none.
 fn warmup() -> Result<Duration, AnyError> {
     match std::env::var("PGXKIT_BENCH_WARMUP") {
-        Ok(v) => v
-            .parse::<f64>()
-            .ok()
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64)
+        Ok(v) => seconds(&v)
             .ok_or_else(|| format!("PGXKIT_BENCH_WARMUP: not a number of seconds: {v:?}").into()),
         Err(_) => Ok(Duration::ZERO),
     }
+}
+
+/// A non-negative number of seconds.
+fn seconds(text: &str) -> Option<Duration> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
 }
 
 fn measure(
