@@ -270,7 +270,7 @@ fn cell_child(args: &[String]) -> Result<(), AnyError> {
         client,
         query,
         args[4].parse()?,
-        Duration::from_secs_f64(args[5].parse()?),
+        seconds(&args[5]).ok_or("--cell: SECS is not a number of seconds")?,
     )?;
     println!(
         "CELL {} {} {} {} {}",
@@ -369,7 +369,9 @@ fn main() -> Result<(), AnyError> {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    let secs: f64 = value("--secs").map_or(Ok(2.0), |v| v.parse())?;
+    let secs = value("--secs")
+        .map_or(Some(Duration::from_secs(2)), |v| seconds(&v))
+        .ok_or("--secs: not a number of seconds")?;
     let rounds: usize = value("--rounds").map_or(Ok(3), |v| v.parse())?;
     let warmup = value("--warmup")
         .map_or(Some(Duration::from_secs(1)), |v| seconds(&v))
@@ -421,12 +423,12 @@ fn main() -> Result<(), AnyError> {
         return callgrind(&setup);
     }
     if args.iter().any(|a| a == "--checkout") {
-        return checkout_only(&setup, &threads, rounds, Duration::from_secs_f64(secs));
+        return checkout_only(&setup, &threads, rounds, secs);
     }
 
     println!(
-        "pgxkit benchmark: {} round(s) of {secs} s per cell after {:?} of warm-up, threads {threads:?}, server on loopback",
-        rounds, warmup
+        "pgxkit benchmark: {} round(s) of {:?} per cell after {:?} of warm-up, threads {threads:?}, server on loopback",
+        rounds, secs, warmup
     );
     for query in QUERIES {
         println!("\n## {}\n", query.name());
@@ -442,13 +444,7 @@ fn main() -> Result<(), AnyError> {
                     if !wanted(client) || client == Client::Pgbench && setup.pgbench.is_none() {
                         continue;
                     }
-                    cells[i].push(run_isolated(
-                        &setup,
-                        client,
-                        query,
-                        t,
-                        Duration::from_secs_f64(secs),
-                    )?);
+                    cells[i].push(run_isolated(&setup, client, query, t, secs)?);
                 }
             }
             let ratio = |i: usize, base: Client| -> String {
