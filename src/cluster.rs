@@ -265,9 +265,10 @@ impl Cluster {
                 .map_err(|e| thread_error("plan capture", e))?;
             lock(&inner.threads).push(worker);
         }
+        // Last, so a build that fails leaves the user's registry as it was.
         #[cfg(feature = "prometheus")]
-        if let Some(registry) = &config.prometheus {
-            crate::metrics::ClusterCollector::register(registry, Arc::downgrade(&inner))?;
+        if let Some((registry, pending)) = config.metrics {
+            crate::metrics::register(&registry, pending, Arc::downgrade(&inner))?;
         }
         Ok(Cluster {
             inner,

@@ -13,6 +13,8 @@ use crate::hooks::{
     AfterOperation, BeforeOperation, ConnectionEvent, HookResult, Hooks, NodeEvent, ShutdownEvent,
     TransactionEvent,
 };
+use crate::limits;
+use crate::pgpass;
 use crate::plans::PlanCapture;
 use crate::statements::StatementMode;
 use crate::tls;
@@ -629,23 +631,13 @@ impl ClusterBuilder {
                     .map_err(|e| e.context(&format!("{name} DSN")))
             })
             .collect::<Result<Vec<_>>>()?;
-        positive("checkout_timeout", self.checkout_timeout)?;
+        self.check_bounds()?;
         let health_check_period = self
             .pool
             .health_check_period
             .or(primary.health_check_period)
             .unwrap_or(defaults::HEALTH_CHECK_PERIOD);
-        positive("health_check_period", health_check_period)?;
-        if self.breaker.failure_threshold == 0 {
-            return Err(Error::config("failure_threshold: must be at least 1"));
-        }
-        if self.breaker.half_open_max_calls == 0 {
-            return Err(Error::config("half_open_max_calls: must be at least 1"));
-        }
-        positive("open_duration", self.breaker.open_duration)?;
-        if let Some(d) = self.leak_threshold {
-            positive("leak_detection_threshold", d)?;
-        }
+        let (hooks, metrics) = self.resolve_hooks()?;
         Ok(ClusterConfig {
             primary,
             replicas,
@@ -658,27 +650,80 @@ impl ClusterBuilder {
             max_replica_lag_bytes: self.max_replica_lag_bytes,
             read_fallback: self.read_fallback,
             read_balance: self.read_balance,
-            hooks: Arc::new(self.resolve_hooks()?),
+            hooks: Arc::new(hooks),
             leak_threshold: self.leak_threshold,
             leak_backtrace: self.leak_backtrace,
             plan_capture: self.plan_capture.clone(),
-            #[cfg(feature = "prometheus")]
-            prometheus: self.prometheus.clone(),
+            metrics,
             require_tls: self.require_tls,
             statement_mode: self.statement_mode,
             statement_cache_capacity: self.statement_cache_capacity,
         })
     }
 
-    /// The user's hooks plus the internal ones (metrics).
-    fn resolve_hooks(&self) -> Result<Hooks> {
+    /// Every size and duration set on the builder, within
+    /// [`limits`](crate::limits), named as the builder's method.
+    fn check_bounds(&self) -> Result<()> {
+        let p = &self.pool;
+        if let Some(n) = p.max_conns {
+            limits::conns("max_conns", n)?;
+        }
+        if let Some(n) = p.min_conns {
+            limits::at_most_conns("min_conns", n)?;
+        }
+        let positive = [
+            ("max_conn_lifetime", p.max_conn_lifetime),
+            ("max_conn_idle_time", p.max_conn_idle_time),
+            ("health_check_period", p.health_check_period),
+            ("checkout_timeout", Some(self.checkout_timeout)),
+            ("connect_timeout", self.connect_timeout),
+            ("open_duration", Some(self.breaker.open_duration)),
+            ("leak_detection_threshold", self.leak_threshold),
+        ];
+        for (key, d) in positive {
+            if let Some(d) = d {
+                limits::positive(key, d)?;
+            }
+        }
+        let bounded = [
+            ("max_conn_lifetime_jitter", p.max_conn_lifetime_jitter),
+            ("validate_after_idle", Some(self.validate_after_idle)),
+            ("max_replica_lag", self.max_replica_lag),
+            ("statement_timeout", self.statement_timeout),
+            ("keepalives_idle", self.keepalives_idle),
+        ];
+        for (key, d) in bounded {
+            if let Some(d) = d {
+                limits::duration(key, d)?;
+            }
+        }
+        if let Some(d) = self.tcp_user_timeout {
+            limits::socket_timeout("tcp_user_timeout", d)?;
+        }
+        if self.breaker.failure_threshold == 0 {
+            return Err(Error::config("failure_threshold: must be at least 1"));
+        }
+        if self.breaker.half_open_max_calls == 0 {
+            return Err(Error::config("half_open_max_calls: must be at least 1"));
+        }
+        limits::queue("statement_cache_capacity", self.statement_cache_capacity)?;
+        if let Some(capture) = &self.plan_capture {
+            limits::queue("capture_slow_plans queue", capture.queue_len())?;
+        }
+        Ok(())
+    }
+
+    /// The user's hooks plus the internal ones (metrics), and the metrics
+    /// to register once the cluster is built.
+    fn resolve_hooks(&self) -> Result<(Hooks, Option<Metrics>)> {
         #[allow(unused_mut)]
         let mut hooks = self.hooks.clone();
         #[cfg(feature = "prometheus")]
         if let Some(registry) = &self.prometheus {
-            crate::metrics::OperationMetrics::install(registry, &mut hooks)?;
+            let pending = crate::metrics::OperationMetrics::install(&mut hooks)?;
+            return Ok((hooks, Some((registry.clone(), pending))));
         }
-        Ok(hooks)
+        Ok((hooks, None))
     }
 
     fn node(
@@ -689,6 +734,9 @@ impl ClusterBuilder {
         connectors: &mut tls::Connectors,
     ) -> Result<NodeConfig> {
         let mut parsed = Dsn::parse(dsn)?;
+        if parsed.pg.get_password().is_none() {
+            password_from_file(&mut parsed);
+        }
         let p = self.pool.or(parsed.pool);
         let pool = PoolConfig {
             max_conns: p.max_conns.unwrap_or_else(defaults::max_conns),
@@ -702,7 +750,6 @@ impl ClusterBuilder {
             .connect_timeout
             .or(parsed.pg.get_connect_timeout().copied())
             .unwrap_or(defaults::CONNECT_TIMEOUT);
-        positive("connect_timeout", connect_timeout)?;
         parsed.pg.connect_timeout(connect_timeout);
         match (&self.application_name, parsed.pg.get_application_name()) {
             (Some(name), _) => {
@@ -740,11 +787,29 @@ impl ClusterBuilder {
     }
 }
 
-fn positive(key: &str, d: Duration) -> Result<()> {
-    if d.is_zero() {
-        Err(Error::config(format!("{key}: must be greater than zero")))
-    } else {
-        Ok(())
+/// The password for a DSN that gives none, from libpq's password file.
+fn password_from_file(parsed: &mut Dsn) {
+    use postgres::config::Host;
+    let Some(path) = pgpass::location(parsed.passfile.as_deref()) else {
+        return;
+    };
+    let pg = &parsed.pg;
+    let (Some(user), host) = (pg.get_user(), pg.get_hosts().first()) else {
+        return;
+    };
+    let host = match host {
+        Some(Host::Tcp(h)) => h.as_str(),
+        // libpq matches a socket directory's connection as `localhost`.
+        Some(Host::Unix(_)) | None => "localhost",
+    };
+    let target = pgpass::Target {
+        host,
+        port: pg.get_ports().first().copied().unwrap_or(5432),
+        dbname: pg.get_dbname().unwrap_or(user),
+        user,
+    };
+    if let Some(password) = pgpass::lookup(&path, &target) {
+        parsed.pg.password(password);
     }
 }
 
@@ -759,20 +824,25 @@ pub(crate) struct PoolConfig {
 }
 
 impl PoolConfig {
+    /// What the bounds of each value alone (checked where it was given)
+    /// cannot see.
     fn validate(&self) -> Result<()> {
-        if self.max_conns == 0 {
-            return Err(Error::config("max_conns: must be at least 1"));
-        }
         if self.min_conns > self.max_conns {
             return Err(Error::config(format!(
                 "min_conns: {} is more than max_conns {}",
                 self.min_conns, self.max_conns
             )));
         }
-        positive("max_conn_lifetime", self.max_conn_lifetime)?;
-        positive("max_conn_idle_time", self.max_conn_idle_time)
+        Ok(())
     }
 }
+
+/// A registry and the metrics to register on it once the cluster is built.
+#[cfg(feature = "prometheus")]
+pub(crate) type Metrics = (prometheus::Registry, crate::metrics::Pending);
+/// Without the `prometheus` feature there are none.
+#[cfg(not(feature = "prometheus"))]
+pub(crate) type Metrics = std::convert::Infallible;
 
 /// One node, ready to be opened.
 pub(crate) struct NodeConfig {
@@ -801,8 +871,9 @@ pub(crate) struct ClusterConfig {
     pub(crate) leak_threshold: Option<Duration>,
     pub(crate) leak_backtrace: bool,
     pub(crate) plan_capture: Option<PlanCapture>,
-    #[cfg(feature = "prometheus")]
-    pub(crate) prometheus: Option<prometheus::Registry>,
+    /// Where to register the metrics, and what (feature `prometheus`).
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+    pub(crate) metrics: Option<Metrics>,
     pub(crate) require_tls: bool,
     pub(crate) statement_mode: StatementMode,
     pub(crate) statement_cache_capacity: usize,

@@ -1,16 +1,15 @@
 //! DSN parsing: URL (`postgres://user:pw@host:port/db?k=v`) and libpq
-//! key=value (`host=db port=5432 user=app`) forms, the pgx `pool_*` keys and
-//! the libpq TLS keys that `postgres::Config` does not know, and redaction.
+//! key=value (`host=db port=5432 user=app`) forms. pgxkit reads its own keys
+//! (`pool_*`, the TLS keys, the password) and hands the driver's keys to
+//! `postgres::Config`; a libpq key neither implements is an error. Redaction.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use postgres::config::{ChannelBinding, TargetSessionAttrs};
-
 use crate::error::{Error, Result};
+use crate::limits;
 
 /// libpq's `sslmode`.
 ///
@@ -63,10 +62,10 @@ impl FromStr for SslMode {
                     "sslmode: `allow` (plaintext first) is not supported; use `prefer` or `disable`",
                 ));
             }
-            other => {
-                return Err(Error::config(format!(
-                    "sslmode: unknown mode `{other}` (expected disable, prefer, require, verify-ca or verify-full)"
-                )));
+            _ => {
+                return Err(Error::config(
+                    "sslmode: unknown mode (expected disable, prefer, require, verify-ca or verify-full)",
+                ));
             }
         })
     }
@@ -131,143 +130,132 @@ pub(crate) struct Dsn {
     pub(crate) pg: postgres::Config,
     pub(crate) pool: PoolOverrides,
     pub(crate) tls: TlsSettings,
+    /// `passfile`: where to look for a password the DSN does not give.
+    pub(crate) passfile: Option<PathBuf>,
 }
 
+/// The keys pgxkit reads itself; everything in [`DRIVER_KEYS`] goes to
+/// `postgres::Config`.
+const OWN_KEYS: &[(&str, OwnKey)] = &[
+    ("password", OwnKey::Password),
+    ("connect_timeout", OwnKey::ConnectTimeout),
+    ("tcp_user_timeout", OwnKey::TcpUserTimeout),
+    ("keepalives_count", OwnKey::KeepalivesCount),
+    ("fallback_application_name", OwnKey::FallbackApplicationName),
+    ("passfile", OwnKey::Passfile),
+    ("sslmode", OwnKey::Sslmode),
+    ("sslrootcert", OwnKey::Sslrootcert),
+    ("sslcert", OwnKey::Sslcert),
+    ("sslkey", OwnKey::Sslkey),
+    ("pool_max_conns", OwnKey::PoolMaxConns),
+    ("pool_min_conns", OwnKey::PoolMinConns),
+    ("pool_max_conn_lifetime", OwnKey::PoolMaxConnLifetime),
+    (
+        "pool_max_conn_lifetime_jitter",
+        OwnKey::PoolMaxConnLifetimeJitter,
+    ),
+    ("pool_max_conn_idle_time", OwnKey::PoolMaxConnIdleTime),
+    ("pool_health_check_period", OwnKey::PoolHealthCheckPeriod),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnKey {
+    Password,
+    ConnectTimeout,
+    TcpUserTimeout,
+    KeepalivesCount,
+    FallbackApplicationName,
+    Passfile,
+    Sslmode,
+    Sslrootcert,
+    Sslcert,
+    Sslkey,
+    PoolMaxConns,
+    PoolMinConns,
+    PoolMaxConnLifetime,
+    PoolMaxConnLifetimeJitter,
+    PoolMaxConnIdleTime,
+    PoolHealthCheckPeriod,
+}
+
+/// The keys handed to the driver as they are, with what a valid value is.
+const DRIVER_KEYS: &[(&str, &str)] = &[
+    ("host", "a host name or socket directory, or a list of them"),
+    ("hostaddr", "an IP address, or a list of them"),
+    ("port", "a port number, or a list of them"),
+    ("user", "a user name"),
+    ("dbname", "a database name"),
+    ("options", "server options"),
+    ("application_name", "a name"),
+    ("keepalives", "0 or 1"),
+    ("keepalives_idle", "a whole number of seconds"),
+    ("keepalives_interval", "a whole number of seconds"),
+    ("keepalives_retries", "a whole number"),
+    ("target_session_attrs", "any, read-write or read-only"),
+    ("channel_binding", "disable, prefer or require"),
+    ("load_balance_hosts", "disable or random"),
+];
+
+/// libpq keys neither pgxkit nor the driver implements: an error that says
+/// so, rather than a setting silently ignored.
+const UNSUPPORTED_KEYS: &[&str] = &[
+    "service",
+    "servicefile",
+    "gssencmode",
+    "gsslib",
+    "gssdelegation",
+    "krbsrvname",
+    "sslnegotiation",
+    "sslcompression",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "sslpassword",
+    "sslcertmode",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "requiressl",
+    "requirepeer",
+    "require_auth",
+    "client_encoding",
+    "replication",
+];
+
 impl Dsn {
-    /// Parses a DSN in URL or key=value form.
+    /// Parses a DSN in URL or key=value form. An error names the key (or
+    /// the position of what could not be read) and never repeats DSN text.
     pub(crate) fn parse(dsn: &str) -> Result<Dsn> {
-        let trimmed = dsn.trim();
-        let pairs = if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-            url_pairs(trimmed)?
-        } else if trimmed.contains("://") {
-            return Err(Error::config(
-                "DSN: unknown URL scheme (expected postgres:// or postgresql://)",
-            ));
-        } else {
-            keyword_pairs(trimmed)?
-        };
+        let (pairs, first_query) = split(dsn.trim())?;
         let mut out = Dsn {
             pg: postgres::Config::new(),
             pool: PoolOverrides::default(),
             tls: TlsSettings::default(),
+            passfile: None,
         };
-        let mut ports = Vec::new();
-        for (key, value) in pairs {
-            out.apply(&key, value, &mut ports)?;
+        // libpq: a key given twice takes its last value.
+        let mut driver: Vec<(&'static str, String)> = Vec::new();
+        let mut own = Own::default();
+        for (index, (key, value)) in pairs.into_iter().enumerate() {
+            if let Some(&(name, own_key)) = OWN_KEYS.iter().find(|(k, _)| *k == key) {
+                own.set(name, own_key, value);
+            } else if let Some(&(driver_key, _)) = DRIVER_KEYS.iter().find(|(k, _)| *k == key) {
+                driver.retain(|(k, _)| *k != driver_key);
+                driver.push((driver_key, value));
+            } else if let Some(unsupported) = UNSUPPORTED_KEYS.iter().find(|k| **k == key) {
+                return Err(Error::config(format!(
+                    "{unsupported}: a libpq key that pgxkit does not support"
+                )));
+            } else {
+                let place = match first_query {
+                    Some(first) => format!("query parameter {}", index.saturating_sub(first) + 1),
+                    None => format!("parameter {}", index + 1),
+                };
+                return Err(unknown_key(&place, &key));
+            }
         }
-        for port in ports {
-            out.pg.port(port);
-        }
+        out.pg = driver_config(&driver)?;
+        own.apply(&mut out)?;
         Ok(out)
-    }
-
-    fn apply(&mut self, key: &str, value: String, ports: &mut Vec<u16>) -> Result<()> {
-        let pg = &mut self.pg;
-        match key {
-            "host" => {
-                for host in value.split(',').filter(|h| !h.is_empty()) {
-                    pg.host(host);
-                }
-            }
-            "hostaddr" => {
-                for addr in value.split(',') {
-                    let ip = IpAddr::from_str(addr.trim())
-                        .map_err(|_| invalid(key, &value, "not an IP address"))?;
-                    pg.hostaddr(ip);
-                }
-            }
-            "port" => {
-                for port in value.split(',') {
-                    ports.push(
-                        port.trim()
-                            .parse()
-                            .map_err(|_| invalid(key, &value, "not a port number"))?,
-                    );
-                }
-            }
-            "user" => {
-                pg.user(&value);
-            }
-            "password" => {
-                pg.password(value);
-            }
-            "dbname" => {
-                pg.dbname(&value);
-            }
-            "options" => {
-                pg.options(&value);
-            }
-            "application_name" => {
-                pg.application_name(&value);
-            }
-            "connect_timeout" => {
-                let secs: u64 = value
-                    .parse()
-                    .map_err(|_| invalid(key, &value, "not a whole number of seconds"))?;
-                if secs > 0 {
-                    pg.connect_timeout(Duration::from_secs(secs));
-                }
-            }
-            "tcp_user_timeout" => {
-                let ms: u64 = value
-                    .parse()
-                    .map_err(|_| invalid(key, &value, "not a whole number of milliseconds"))?;
-                pg.tcp_user_timeout(Duration::from_millis(ms));
-            }
-            "keepalives" => {
-                pg.keepalives(parse_flag(key, &value)?);
-            }
-            "keepalives_idle" => {
-                pg.keepalives_idle(Duration::from_secs(parse_u32(key, &value)?.into()));
-            }
-            "keepalives_interval" => {
-                pg.keepalives_interval(Duration::from_secs(parse_u32(key, &value)?.into()));
-            }
-            "keepalives_count" => {
-                pg.keepalives_retries(parse_u32(key, &value)?);
-            }
-            "target_session_attrs" => {
-                pg.target_session_attrs(match value.as_str() {
-                    "any" => TargetSessionAttrs::Any,
-                    "read-write" => TargetSessionAttrs::ReadWrite,
-                    _ => return Err(invalid(key, &value, "expected any or read-write")),
-                });
-            }
-            "channel_binding" => {
-                pg.channel_binding(match value.as_str() {
-                    "disable" => ChannelBinding::Disable,
-                    "prefer" => ChannelBinding::Prefer,
-                    "require" => ChannelBinding::Require,
-                    _ => return Err(invalid(key, &value, "expected disable, prefer or require")),
-                });
-            }
-            "sslmode" => self.tls.mode = value.parse()?,
-            "sslrootcert" => {
-                self.tls.root_cert = Some(if value == "system" {
-                    RootCert::System
-                } else {
-                    RootCert::File(PathBuf::from(value))
-                });
-            }
-            "sslcert" => self.tls.cert = Some(PathBuf::from(value)),
-            "sslkey" => self.tls.key = Some(PathBuf::from(value)),
-            "pool_max_conns" => self.pool.max_conns = Some(parse_u32(key, &value)?),
-            "pool_min_conns" => self.pool.min_conns = Some(parse_u32(key, &value)?),
-            "pool_max_conn_lifetime" => {
-                self.pool.max_conn_lifetime = Some(parse_duration_key(key, &value)?)
-            }
-            "pool_max_conn_lifetime_jitter" => {
-                self.pool.max_conn_lifetime_jitter = Some(parse_duration_key(key, &value)?)
-            }
-            "pool_max_conn_idle_time" => {
-                self.pool.max_conn_idle_time = Some(parse_duration_key(key, &value)?)
-            }
-            "pool_health_check_period" => {
-                self.pool.health_check_period = Some(parse_duration_key(key, &value)?)
-            }
-            _ => return Err(Error::config(format!("DSN: unknown key `{key}`"))),
-        }
-        Ok(())
     }
 
     /// `host:port` of the first host, for naming the node.
@@ -290,28 +278,185 @@ impl Dsn {
     }
 }
 
-fn invalid(key: &str, value: &str, why: &str) -> Error {
-    // Only `password` is secret, and it is never parsed here.
-    Error::config(format!("{key}: invalid value `{value}`: {why}"))
+/// The values of pgxkit's own keys, applied after the driver's (the last
+/// of each wins).
+#[derive(Default)]
+struct Own(Vec<(&'static str, OwnKey, String)>);
+
+impl Own {
+    fn set(&mut self, name: &'static str, key: OwnKey, value: String) {
+        self.0.retain(|(_, k, _)| *k != key);
+        self.0.push((name, key, value));
+    }
+
+    fn apply(self, out: &mut Dsn) -> Result<()> {
+        let mut application_name_set = out.pg.get_application_name().is_some();
+        for (key, which, value) in self.0 {
+            let pg = &mut out.pg;
+            match which {
+                OwnKey::Password => {
+                    pg.password(value);
+                }
+                OwnKey::ConnectTimeout => {
+                    // libpq: seconds, zero or negative for none (we keep
+                    // our default then: nothing waits unbounded).
+                    let secs: f64 = value
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|s: &f64| s.is_finite())
+                        .ok_or_else(|| invalid(key, "not a number of seconds"))?;
+                    if secs > 0.0 {
+                        let d = Duration::try_from_secs_f64(secs)
+                            .map_err(|_| invalid(key, "too long"))?;
+                        pg.connect_timeout(limits::positive(key, d)?);
+                    }
+                }
+                OwnKey::TcpUserTimeout => {
+                    // libpq: milliseconds (the driver's own parser reads seconds).
+                    let ms: u64 = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| invalid(key, "not a whole number of milliseconds"))?;
+                    if ms > 0 {
+                        pg.tcp_user_timeout(limits::socket_timeout(
+                            key,
+                            Duration::from_millis(ms),
+                        )?);
+                    }
+                }
+                OwnKey::KeepalivesCount => {
+                    pg.keepalives_retries(parse_u32(key, &value)?);
+                }
+                OwnKey::FallbackApplicationName => {
+                    if !application_name_set {
+                        pg.application_name(&value);
+                        application_name_set = true;
+                    }
+                }
+                OwnKey::Passfile => out.passfile = Some(PathBuf::from(value)),
+                OwnKey::Sslmode => out.tls.mode = value.parse()?,
+                OwnKey::Sslrootcert => {
+                    out.tls.root_cert = Some(if value == "system" {
+                        RootCert::System
+                    } else {
+                        RootCert::File(PathBuf::from(value))
+                    });
+                }
+                OwnKey::Sslcert => out.tls.cert = Some(PathBuf::from(value)),
+                OwnKey::Sslkey => out.tls.key = Some(PathBuf::from(value)),
+                OwnKey::PoolMaxConns => {
+                    out.pool.max_conns = Some(limits::conns(key, parse_u32(key, &value)?)?)
+                }
+                OwnKey::PoolMinConns => {
+                    out.pool.min_conns = Some(limits::at_most_conns(key, parse_u32(key, &value)?)?)
+                }
+                OwnKey::PoolMaxConnLifetime => {
+                    out.pool.max_conn_lifetime =
+                        Some(limits::positive(key, parse_duration_key(key, &value)?)?)
+                }
+                OwnKey::PoolMaxConnLifetimeJitter => {
+                    out.pool.max_conn_lifetime_jitter =
+                        Some(limits::duration(key, parse_duration_key(key, &value)?)?)
+                }
+                OwnKey::PoolMaxConnIdleTime => {
+                    out.pool.max_conn_idle_time =
+                        Some(limits::positive(key, parse_duration_key(key, &value)?)?)
+                }
+                OwnKey::PoolHealthCheckPeriod => {
+                    out.pool.health_check_period =
+                        Some(limits::positive(key, parse_duration_key(key, &value)?)?)
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The driver's config from the keys it implements, each value quoted as
+/// libpq's key=value form wants. A value the driver refuses is reported
+/// by its key, never by its text.
+fn driver_config(pairs: &[(&'static str, String)]) -> Result<postgres::Config> {
+    let quoted = |(key, value): &(&'static str, String)| {
+        format!(
+            "{key}='{}'",
+            value.replace('\\', "\\\\").replace('\'', "\\'")
+        )
+    };
+    let text = pairs.iter().map(quoted).collect::<Vec<_>>().join(" ");
+    if let Ok(config) = text.parse::<postgres::Config>() {
+        return Ok(config);
+    }
+    // Find which one: each alone.
+    for pair in pairs {
+        if quoted(pair).parse::<postgres::Config>().is_err() {
+            let what = DRIVER_KEYS
+                .iter()
+                .find(|(k, _)| *k == pair.0)
+                .map_or("a valid value", |(_, what)| *what);
+            return Err(invalid(pair.0, &format!("expected {what}")));
+        }
+    }
+    Err(Error::config(
+        "the driver refused the combination of connection keys",
+    ))
+}
+
+/// An unknown key, named only when it is close to one we know (it could be
+/// a piece of a mistyped password otherwise).
+fn unknown_key(place: &str, key: &str) -> Error {
+    let known = OWN_KEYS
+        .iter()
+        .map(|(k, _)| k)
+        .chain(DRIVER_KEYS.iter().map(|(k, _)| k))
+        .chain(UNSUPPORTED_KEYS);
+    let suggestion = known
+        .map(|k| (edit_distance(k, key), *k))
+        .filter(|(d, k)| *d <= 2 && *d < k.len() / 2)
+        .min();
+    match suggestion {
+        Some((_, k)) => Error::config(format!("unknown key in {place} (did you mean `{k}`?)")),
+        None => Error::config(format!(
+            "unknown key in {place} (keys are libpq's, such as host or sslmode, or pgxkit's pool_*)"
+        )),
+    }
+}
+
+/// Levenshtein distance, for suggesting a key.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(cur)
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// A key whose value is wrong; the value itself is never repeated (in a
+/// malformed DSN it can be a piece of the password).
+fn invalid(key: &str, why: &str) -> Error {
+    Error::config(format!("{key}: invalid value: {why}"))
 }
 
 fn parse_u32(key: &str, value: &str) -> Result<u32> {
     value
         .trim()
         .parse()
-        .map_err(|_| invalid(key, value, "not a non-negative whole number"))
-}
-
-fn parse_flag(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "1" => Ok(true),
-        "0" => Ok(false),
-        _ => Err(invalid(key, value, "expected 0 or 1")),
-    }
+        .map_err(|_| invalid(key, "not a whole number from 0 to 4294967295"))
 }
 
 fn parse_duration_key(key: &str, value: &str) -> Result<Duration> {
-    parse_duration(value).map_err(|why| invalid(key, value, &why))
+    parse_duration(value).map_err(|_| invalid(key, "not a duration such as 500ms, 30s, 5m or 1h"))
 }
 
 /// Parses a Go-style duration: `1h`, `30m`, `1h30m`, `1.5s`, `500ms`, `250us`, `0`.
@@ -376,9 +521,36 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_nanos(total.round() as u64))
 }
 
-/// Splits a URL DSN into key/value pairs (percent-decoded).
-fn url_pairs(url: &str) -> Result<Vec<(String, String)>> {
-    let after_scheme = &url[url.find("://").map_or(0, |i| i + 3)..];
+/// Pairs of key and value, and for a URL the index of the first pair from
+/// its query string.
+type Pairs = (Vec<(String, String)>, Option<usize>);
+
+/// Splits a DSN into key/value pairs: a URL (`postgres://` or
+/// `postgresql://`) or libpq's key=value form.
+fn split(dsn: &str) -> Result<Pairs> {
+    if let Some(rest) = dsn
+        .strip_prefix("postgres://")
+        .or_else(|| dsn.strip_prefix("postgresql://"))
+    {
+        return url_pairs(rest);
+    }
+    let scheme_like = dsn.find(':').is_some_and(|i| {
+        i > 0
+            && dsn[..i]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+')
+    });
+    if dsn.contains("://") || (scheme_like && !dsn[..dsn.find(':').unwrap_or(0)].contains('=')) {
+        return Err(Error::config(
+            "not a postgres:// or postgresql:// URL, and not key=value pairs",
+        ));
+    }
+    Ok((keyword_pairs(dsn)?, None))
+}
+
+/// Splits what follows a URL's `postgres://` into key/value pairs
+/// (percent-decoded).
+fn url_pairs(after_scheme: &str) -> Result<Pairs> {
     let (before_query, query) = match after_scheme.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (after_scheme, None),
@@ -387,6 +559,14 @@ fn url_pairs(url: &str) -> Result<Vec<(String, String)>> {
         Some(i) => (&before_query[..i], Some(&before_query[i + 1..])),
         None => (before_query, None),
     };
+    if path.is_some_and(|p| p.contains('@')) {
+        // `user:pa/ss@host`: the `/` cut the password, which would then be
+        // read as a host and port.
+        return Err(Error::config(
+            "an `@` after the first `/`: write `/` in a user name or password as %2F, \
+             and `@` in a database name as %40",
+        ));
+    }
     let mut pairs = Vec::new();
     let hosts = match authority.rsplit_once('@') {
         Some((userinfo, hosts)) => {
@@ -395,14 +575,10 @@ fn url_pairs(url: &str) -> Result<Vec<(String, String)>> {
                 None => (userinfo, None),
             };
             if !user.is_empty() {
-                pairs.push(("user".to_owned(), decode("user", user)?));
+                pairs.push(("user".to_owned(), decode("the user name", user)?));
             }
             if let Some(password) = password {
-                // Never echo: a bad escape in the password names only the key.
-                let password = percent_decode(password).ok_or_else(|| {
-                    Error::config("DSN: invalid percent-encoding in the password")
-                })?;
-                pairs.push(("password".to_owned(), password));
+                pairs.push(("password".to_owned(), decode("the password", password)?));
             }
             hosts
         }
@@ -411,34 +587,41 @@ fn url_pairs(url: &str) -> Result<Vec<(String, String)>> {
     let (mut host_list, mut port_list) = (Vec::new(), Vec::new());
     for spec in hosts.split(',').filter(|s| !s.is_empty()) {
         let (host, port) = split_host_port(spec)?;
-        host_list.push(decode("host", host)?);
-        port_list.push(port.unwrap_or("5432").to_owned());
+        let bracketed = spec.starts_with('[');
+        let host_ok = host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || b"-._~%".contains(&b) || (bracketed && b == b':')
+        });
+        if !host_ok {
+            return Err(Error::config(
+                "host: not a host name, IP address or %-encoded socket directory \
+                 (write `:`, `/` or `@` in a password as %3A, %2F, %40)",
+            ));
+        }
+        host_list.push(decode("a host", host)?);
+        port_list.push(decode("a port", port.unwrap_or("5432"))?);
     }
     if !host_list.is_empty() {
         pairs.push(("host".to_owned(), host_list.join(",")));
         pairs.push(("port".to_owned(), port_list.join(",")));
     }
     if let Some(db) = path.filter(|p| !p.is_empty()) {
-        pairs.push(("dbname".to_owned(), decode("dbname", db)?));
+        pairs.push(("dbname".to_owned(), decode("the database name", db)?));
     }
-    for param in query
+    let first_query = pairs.len();
+    for (n, param) in query
         .into_iter()
         .flat_map(|q| q.split('&'))
         .filter(|p| !p.is_empty())
+        .enumerate()
     {
         let (key, value) = param
             .split_once('=')
-            .ok_or_else(|| Error::config(format!("DSN: query parameter `{param}` has no `=`")))?;
+            .ok_or_else(|| Error::config(format!("query parameter {} has no `=`", n + 1)))?;
         let key = decode("a query parameter name", key)?;
-        let value = if key == "password" {
-            percent_decode(value)
-                .ok_or_else(|| Error::config("DSN: invalid percent-encoding in the password"))?
-        } else {
-            decode(&key, value)?
-        };
+        let value = decode("a query parameter value", value)?;
         pairs.push((key, value));
     }
-    Ok(pairs)
+    Ok((pairs, Some(first_query)))
 }
 
 fn split_host_port(spec: &str) -> Result<(&str, Option<&str>)> {
@@ -455,9 +638,9 @@ fn split_host_port(spec: &str) -> Result<(&str, Option<&str>)> {
     })
 }
 
+/// Percent-decodes one part of a URL; the error says which part, never its text.
 fn decode(what: &str, s: &str) -> Result<String> {
-    percent_decode(s)
-        .ok_or_else(|| Error::config(format!("DSN: invalid percent-encoding in {what}")))
+    percent_decode(s).ok_or_else(|| Error::config(format!("invalid percent-encoding in {what}")))
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -491,7 +674,8 @@ pub(crate) fn percent_encode(s: &str) -> String {
 }
 
 /// Splits a libpq key=value DSN into pairs, honouring single quotes and
-/// backslash escapes.
+/// backslash escapes. Errors name a key only once it is known to be one
+/// (it ended at `=`) and otherwise say which word could not be read.
 fn keyword_pairs(s: &str) -> Result<Vec<(String, String)>> {
     let mut pairs = Vec::new();
     let mut chars = s.chars().peekable();
@@ -514,7 +698,10 @@ fn keyword_pairs(s: &str) -> Result<Vec<(String, String)>> {
             chars.next();
         }
         if chars.next() != Some('=') {
-            return Err(Error::config(format!("DSN: `{key}` is missing `=value`")));
+            return Err(Error::config(format!(
+                "word {} is not a key=value pair (a URL starts with postgres://)",
+                pairs.len() + 1
+            )));
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -526,11 +713,11 @@ fn keyword_pairs(s: &str) -> Result<Vec<(String, String)>> {
                 match chars.next() {
                     Some('\\') => match chars.next() {
                         Some(c) => value.push(c),
-                        None => return Err(unterminated(&key)),
+                        None => return Err(unterminated(pairs.len(), &key)),
                     },
                     Some('\'') => break,
                     Some(c) => value.push(c),
-                    None => return Err(unterminated(&key)),
+                    None => return Err(unterminated(pairs.len(), &key)),
                 }
             }
         } else {
@@ -542,7 +729,7 @@ fn keyword_pairs(s: &str) -> Result<Vec<(String, String)>> {
                 if c == '\\' {
                     match chars.next() {
                         Some(escaped) => value.push(escaped),
-                        None => return Err(unterminated(&key)),
+                        None => return Err(unterminated(pairs.len(), &key)),
                     }
                 } else {
                     value.push(c);
@@ -553,17 +740,33 @@ fn keyword_pairs(s: &str) -> Result<Vec<(String, String)>> {
     }
 }
 
-fn unterminated(key: &str) -> Error {
-    Error::config(format!("{key}: unterminated quoted value"))
+fn unterminated(index: usize, key: &str) -> Error {
+    if is_known_key(key) {
+        Error::config(format!("{key}: unterminated quoted value"))
+    } else {
+        Error::config(format!(
+            "the value of parameter {} is an unterminated quoted string",
+            index + 1
+        ))
+    }
 }
 
 /// A DSN with its password replaced by `<redacted>`, for logs and messages.
-/// Unparsable input is redacted whole.
+///
+/// In a URL everything between `://` and the last `@` is hidden (the user
+/// name too: in a malformed URL it can hold the password), and so is an
+/// authority that is not plainly `host[:port]`. Only known keys are shown
+/// with their values (`password` never); anything else is `<redacted>`. A
+/// key=value string that cannot be read is redacted whole.
 ///
 /// ```
 /// assert_eq!(
 ///     pgxkit::redact_dsn("postgres://app:s3cret@db:5432/app?sslmode=require"),
-///     "postgres://app:<redacted>@db:5432/app?sslmode=require"
+///     "postgres://<redacted>@db:5432/app?sslmode=require"
+/// );
+/// assert_eq!(
+///     pgxkit::redact_dsn("postgres://app:s3cret/PW@db/app"),
+///     "postgres://<redacted>@db/app"
 /// );
 /// assert_eq!(
 ///     pgxkit::redact_dsn("host=db password='s3 cret' user=app"),
@@ -572,34 +775,62 @@ fn unterminated(key: &str) -> Error {
 /// ```
 pub fn redact_dsn(dsn: &str) -> String {
     let trimmed = dsn.trim();
-    if let Some(scheme_end) = trimmed.find("://") {
+    let scheme_end = trimmed.find("://").filter(|&end| {
+        let scheme = &trimmed[..end];
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    });
+    if let Some(scheme_end) = scheme_end {
         let (scheme, rest) = trimmed.split_at(scheme_end + 3);
+        let (credentials, rest) = match rest.rfind('@') {
+            Some(at) => ("<redacted>@", &rest[at + 1..]),
+            None => ("", rest),
+        };
         let (before_query, query) = match rest.split_once('?') {
             Some((b, q)) => (b, Some(q)),
             None => (rest, None),
         };
-        let authority_end = before_query.find('/').unwrap_or(before_query.len());
-        let (authority, path) = before_query.split_at(authority_end);
-        let authority = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:<redacted>@{hosts}"),
-                None => format!("{userinfo}@{hosts}"),
-            },
-            None => authority.to_owned(),
-        };
-        let query = query.map(|q| {
-            q.split('&')
+        let (authority, path) =
+            before_query.split_at(before_query.find('/').unwrap_or(before_query.len()));
+        // Shown only when plainly `host[:port],...` and `/dbname`: in a
+        // mangled URL either can hold a piece of the password.
+        let plain_hosts = authority
+            .split(',')
+            .all(|spec| match split_host_port(spec) {
+                Ok((host, port)) => {
+                    host.bytes().all(|b| {
+                        b.is_ascii_alphanumeric()
+                            || b"-._".contains(&b)
+                            || (spec.starts_with('[') && b == b':')
+                    }) && port
+                        .is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                }
+                Err(_) => false,
+            });
+        let authority = if plain_hosts { authority } else { "<redacted>" };
+        let plain_path = plain_hosts
+            && path
+                .get(1..)
+                .unwrap_or("")
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b));
+        let path = if plain_path { path } else { "/<redacted>" };
+        let mut out = format!("{scheme}{credentials}{authority}{path}");
+        if let Some(q) = query {
+            let shown: Vec<String> = q
+                .split('&')
                 .map(|p| match p.split_once('=') {
-                    Some(("password", _)) => "password=<redacted>".to_owned(),
-                    _ => p.to_owned(),
+                    Some((key, value)) if shown(key, value) => format!("{key}={value}"),
+                    Some((key, _)) if is_known_key(key) => format!("{key}=<redacted>"),
+                    _ => "<redacted>".to_owned(),
                 })
-                .collect::<Vec<_>>()
-                .join("&")
-        });
-        return match query {
-            Some(q) => format!("{scheme}{authority}{path}?{q}"),
-            None => format!("{scheme}{authority}{path}"),
-        };
+                .collect();
+            out.push('?');
+            out.push_str(&shown.join("&"));
+        }
+        return out;
     }
     match keyword_pairs(trimmed) {
         Ok(pairs) => pairs
@@ -607,6 +838,10 @@ pub fn redact_dsn(dsn: &str) -> String {
             .map(|(k, v)| {
                 if k == "password" {
                     "password=<redacted>".to_owned()
+                } else if !is_known_key(&k) {
+                    "<redacted>".to_owned()
+                } else if !shown(&k, &v) {
+                    format!("{k}=<redacted>")
                 } else if v.is_empty()
                     || v.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\')
                 {
@@ -619,6 +854,24 @@ pub fn redact_dsn(dsn: &str) -> String {
             .join(" "),
         Err(_) => "<unparsable DSN redacted>".to_owned(),
     }
+}
+
+/// Whether `redact_dsn` shows a pair: a key we know, other than the
+/// password, whose value does not look like two pairs run together (an
+/// `=` outside `options`, or the word "password" anywhere), which a missing
+/// space or `&` makes of `user=app password=...`.
+fn shown(key: &str, value: &str) -> bool {
+    key != "password"
+        && is_known_key(key)
+        && (key == "options" || !value.contains('='))
+        && !value.to_ascii_lowercase().contains("password")
+}
+
+/// One of the keys pgxkit, the driver or libpq knows (safe to name).
+fn is_known_key(key: &str) -> bool {
+    OWN_KEYS.iter().any(|(k, _)| *k == key)
+        || DRIVER_KEYS.iter().any(|(k, _)| *k == key)
+        || UNSUPPORTED_KEYS.contains(&key)
 }
 
 #[cfg(test)]
@@ -697,24 +950,58 @@ mod tests {
     fn bad_input_names_the_key_and_never_the_password() {
         let cases = [
             ("postgres://u:Secr3tPw@h:abc/db", "port"),
+            ("postgres://u:Secr3tPw@h:99999/db", "port"),
             ("postgres://u:Secr3tPw@h/db?sslmode=sometimes", "sslmode"),
             (
                 "postgres://u:Secr3tPw@h/db?pool_max_conns=-1",
                 "pool_max_conns",
             ),
             (
+                "postgres://u:Secr3tPw@h/db?pool_max_conns=0",
+                "pool_max_conns",
+            ),
+            (
+                "postgres://u:Secr3tPw@h/db?pool_max_conns=4294967295",
+                "pool_max_conns",
+            ),
+            (
                 "postgres://u:Secr3tPw@h/db?pool_max_conn_lifetime=forever",
                 "pool_max_conn_lifetime",
             ),
-            ("postgres://u:Secr3tPw@h/db?bogus=1", "bogus"),
+            (
+                "postgres://u:Secr3tPw@h/db?pool_max_conn_lifetime=100000h",
+                "pool_max_conn_lifetime",
+            ),
+            (
+                "postgres://u:Secr3tPw@h/db?sslmode=require&bogus=1",
+                "query parameter 2",
+            ),
+            (
+                "postgres://u:Secr3tPw@h/db?sslmod=require",
+                "did you mean `sslmode`",
+            ),
             (
                 "postgres://u:Secr3tPw@h/db?connect_timeout=soon",
                 "connect_timeout",
             ),
-            ("mysql://u:Secr3tPw@h/db", "scheme"),
-            ("host=h password=Secr3tPw port", "port"),
-            ("host=h password='Secr3tPw", "password"),
+            ("postgres://u:Secr3tPw@h/db?passfile=x&service=a", "service"),
+            (
+                "postgres://u:Secr3tPw@h/db?gssencmode=disable",
+                "not support",
+            ),
+            (
+                "postgres://u:Secr3tPw@h/db?target_session_attrs=primary",
+                "target_session_attrs",
+            ),
+            ("mysql://u:Secr3tPw@h/db", "postgres://"),
+            ("host=h password=Secr3tPw port", "word 3"),
+            ("host=h password='Secr3tPw", "password: unterminated"),
             ("postgres://u:Secr3t%zzPw@h/db", "password"),
+            // From the issue: a typo'd scheme, no scheme, a `/` in the password.
+            ("postgres:app:Secr3tPW@localhost/app", "postgres://"),
+            ("app:Secr3tPW@localhost", "key=value"),
+            ("postgres://app:Secr3t/PW@localhost/app", "%2F"),
+            ("postgres:/app:Secr3tPW@h/db?sslmode", "postgres://"),
         ];
         for (dsn, key) in cases {
             let err = Dsn::parse(dsn).unwrap_err();
@@ -725,17 +1012,66 @@ mod tests {
     }
 
     #[test]
+    fn the_drivers_own_keys_pass_through() {
+        use postgres::config::{LoadBalanceHosts, TargetSessionAttrs};
+        let dsn = Dsn::parse(
+            "postgres://u@h1,h2/db?target_session_attrs=read-only&load_balance_hosts=random\
+             &connect_timeout=2.5&keepalives_count=4&tcp_user_timeout=1500",
+        )
+        .unwrap();
+        assert_eq!(
+            dsn.pg.get_target_session_attrs(),
+            TargetSessionAttrs::ReadOnly
+        );
+        assert_eq!(dsn.pg.get_load_balance_hosts(), LoadBalanceHosts::Random);
+        assert_eq!(
+            dsn.pg.get_connect_timeout(),
+            Some(&Duration::from_millis(2500))
+        );
+        assert_eq!(dsn.pg.get_keepalives_retries(), Some(4));
+        assert_eq!(
+            dsn.pg.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(1500))
+        );
+        // libpq: the last of a key given twice wins.
+        let dsn = Dsn::parse("host=a port=1 port=2 application_name=x fallback_application_name=y")
+            .unwrap();
+        assert_eq!(dsn.pg.get_ports(), &[2]);
+        assert_eq!(dsn.pg.get_application_name(), Some("x"));
+        let dsn = Dsn::parse("host=a fallback_application_name=y").unwrap();
+        assert_eq!(dsn.pg.get_application_name(), Some("y"));
+    }
+
+    #[test]
     fn redaction() {
         assert_eq!(
-            redact_dsn("postgres://u:pw@h/db?password=pw2&x=1"),
-            "postgres://u:<redacted>@h/db?password=<redacted>&x=1"
+            redact_dsn("postgres://u:pw@h/db?password=pw2&sslmode=require"),
+            "postgres://<redacted>@h/db?password=<redacted>&sslmode=require"
         );
-        assert_eq!(redact_dsn("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_dsn("postgres://u@h/db"),
+            "postgres://<redacted>@h/db"
+        );
+        assert_eq!(redact_dsn("postgres://h:5433/db"), "postgres://h:5433/db");
         assert_eq!(
             redact_dsn("password='a b' host=h"),
             "password=<redacted> host=h"
         );
         assert_eq!(redact_dsn("password='oops"), "<unparsable DSN redacted>");
+        // From the issue: a `/` in the password, a missing `@`, a key typo.
+        assert_eq!(
+            redact_dsn("postgres://app:s3cret/PW@localhost/app"),
+            "postgres://<redacted>@localhost/app"
+        );
+        assert_eq!(
+            redact_dsn("postgres://app:s3cret/app"),
+            "postgres://<redacted>/<redacted>"
+        );
+        assert_eq!(redact_dsn("host=h passwd=s3cret"), "host=h <redacted>");
+        assert_eq!(
+            redact_dsn("postgres://h/db?x&passwd=s3cret"),
+            "postgres://h/db?<redacted>&<redacted>"
+        );
         let dsn = Dsn::parse("postgres://u:topsecret@h/db").unwrap();
         assert!(!format!("{dsn:?}").contains("topsecret"));
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::config::ClusterBuilder;
 use crate::dsn::{SslMode, parse_duration, percent_encode};
 use crate::error::{Error, Result};
+use crate::limits;
 
 /// The primary's DSN from `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_USER`,
 /// `POSTGRES_PASSWORD` or `POSTGRES_PASSWORD_FILE`, `POSTGRES_DB`,
@@ -71,11 +72,19 @@ pub(crate) fn builder_from_env(lookup: &dyn Fn(&str) -> Option<String>) -> Resul
             ));
         }
     }
-    builder.pool.max_conns = env.parse_u32("POSTGRES_MAX_CONNS")?;
-    builder.pool.min_conns = env.parse_u32("POSTGRES_MIN_CONNS")?;
-    builder.pool.max_conn_lifetime = env.duration("POSTGRES_MAX_CONN_LIFETIME")?;
-    builder.pool.max_conn_idle_time = env.duration("POSTGRES_MAX_CONN_IDLE_TIME")?;
-    builder.pool.health_check_period = env.duration("POSTGRES_HEALTH_CHECK_PERIOD")?;
+    let key = "POSTGRES_MAX_CONNS";
+    builder.pool.max_conns = env
+        .parse_u32(key)?
+        .map(|n| limits::conns(key, n))
+        .transpose()?;
+    let key = "POSTGRES_MIN_CONNS";
+    builder.pool.min_conns = env
+        .parse_u32(key)?
+        .map(|n| limits::at_most_conns(key, n))
+        .transpose()?;
+    builder.pool.max_conn_lifetime = env.positive_duration("POSTGRES_MAX_CONN_LIFETIME")?;
+    builder.pool.max_conn_idle_time = env.positive_duration("POSTGRES_MAX_CONN_IDLE_TIME")?;
+    builder.pool.health_check_period = env.positive_duration("POSTGRES_HEALTH_CHECK_PERIOD")?;
     Ok(builder)
 }
 
@@ -87,9 +96,9 @@ fn split_replica(spec: &str) -> Result<(&str, Option<u16>)> {
     let port = port
         .map(|p| {
             p.parse::<u16>().map_err(|_| {
-                Error::config(format!(
-                    "POSTGRES_REPLICA_HOSTS: invalid port `{p}` in `{spec}` (expected host[:port],...)"
-                ))
+                Error::config(
+                    "POSTGRES_REPLICA_HOSTS: invalid port (expected host[:port],host[:port],...)",
+                )
             })
         })
         .transpose()?;
@@ -108,18 +117,23 @@ impl Env<'_> {
             .map(|v| {
                 v.trim().parse::<u32>().map_err(|_| {
                     Error::config(format!(
-                        "{key}: invalid value `{v}`: not a non-negative whole number"
+                        "{key}: invalid value: not a whole number from 0 to 4294967295"
                     ))
                 })
             })
             .transpose()
     }
 
-    fn duration(&self, key: &str) -> Result<Option<Duration>> {
+    /// A Go-style duration greater than zero, within the limits.
+    fn positive_duration(&self, key: &str) -> Result<Option<Duration>> {
         self.get(key)
             .map(|v| {
-                parse_duration(&v)
-                    .map_err(|why| Error::config(format!("{key}: invalid value `{v}`: {why}")))
+                let d = parse_duration(&v).map_err(|_| {
+                    Error::config(format!(
+                        "{key}: invalid value: not a duration such as 500ms, 30s, 5m or 1h"
+                    ))
+                })?;
+                limits::positive(key, d)
             })
             .transpose()
     }
@@ -142,11 +156,10 @@ impl Connection {
             .get("POSTGRES_HOST")
             .unwrap_or_else(|| "localhost".to_owned());
         let port = match env.get("POSTGRES_PORT") {
-            Some(p) => p.trim().parse::<u16>().map_err(|_| {
-                Error::config(format!(
-                    "POSTGRES_PORT: invalid value `{p}`: not a port number"
-                ))
-            })?,
+            Some(p) => p
+                .trim()
+                .parse::<u16>()
+                .map_err(|_| Error::config("POSTGRES_PORT: invalid value: not a port number"))?,
             None => 5432,
         };
         // libpq's default user is the OS user; its default database, the user.
@@ -216,8 +229,9 @@ impl Connection {
 }
 
 fn read_password_file(path: &str) -> Result<String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::config(format!("POSTGRES_PASSWORD_FILE: cannot read {path}: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::config(format!("POSTGRES_PASSWORD_FILE: cannot read {path}")).with_source(e)
+    })?;
     // Secrets mounted from files usually end with a newline that is not part of them.
     Ok(text.trim_end_matches(['\r', '\n']).to_owned())
 }

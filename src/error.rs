@@ -49,6 +49,18 @@ pub enum ErrorKind {
     /// The connection failed while `COMMIT` was in flight: the transaction
     /// may or may not have committed. Never retried automatically.
     AmbiguousCommit,
+    /// The statement could not be sent as given, found on the client before
+    /// anything was sent: a parameter of the wrong type for its column (a
+    /// `&str` for an `int4`), the wrong number of parameters. The
+    /// connection stays usable.
+    Client,
+    /// A transaction handle used after it ended (commit, rollback), or while
+    /// another call on it is still running.
+    TransactionState,
+    /// What was asked cannot be done in the handle's
+    /// [`StatementMode`](crate::StatementMode) (parameters with the simple
+    /// protocol, a parameter type an unnamed statement cannot tell).
+    Unsupported,
 }
 
 impl ErrorKind {
@@ -69,6 +81,9 @@ impl ErrorKind {
             ErrorKind::AmbiguousCommit => {
                 "connection lost during COMMIT: the transaction may or may not have committed"
             }
+            ErrorKind::Client => "cannot send the statement as given",
+            ErrorKind::TransactionState => "transaction not usable",
+            ErrorKind::Unsupported => "not supported in this statement mode",
         }
     }
 }
@@ -172,7 +187,9 @@ struct Inner {
     unsent: bool,
     node: Option<NodeInfo>,
     detail: Option<String>,
-    source: Option<Box<dyn StdError + Send + Sync>>,
+    /// Shared, so a connect failure seen by the pool can be handed to every
+    /// checkout that waited for it, cause and all.
+    source: Option<Arc<dyn StdError + Send + Sync>>,
 }
 
 impl Error {
@@ -220,8 +237,20 @@ impl Error {
         mut self,
         source: impl Into<Box<dyn StdError + Send + Sync>>,
     ) -> Self {
-        self.0.source = Some(source.into());
+        self.0.source = Some(Arc::from(source.into()));
         self
+    }
+
+    /// A copy of this error as `kind` (its cause shared), for handing one
+    /// failure to several callers.
+    pub(crate) fn duplicate_as(&self, kind: ErrorKind) -> Self {
+        Error(Box::new(Inner {
+            kind,
+            unsent: self.0.unsent,
+            node: self.0.node.clone(),
+            detail: self.0.detail.clone(),
+            source: self.0.source.clone(),
+        }))
     }
 
     /// Wraps a driver error, classifying it.
@@ -251,7 +280,14 @@ impl Error {
 
     /// The driver's error, if this one wraps it.
     pub fn as_postgres(&self) -> Option<&postgres::Error> {
-        self.0.source.as_deref()?.downcast_ref::<postgres::Error>()
+        let mut next: Option<&(dyn StdError + 'static)> = self.source();
+        while let Some(err) = next {
+            if let Some(pg) = err.downcast_ref::<postgres::Error>() {
+                return Some(pg);
+            }
+            next = err.source();
+        }
+        None
     }
 
     /// Whether the failure is about the connection or the node rather than
@@ -270,7 +306,11 @@ impl Error {
     }
 
     /// Whether running the same operation again is safe and may succeed:
-    /// could not connect (but not an authentication failure), checkout
+    /// could not connect (but not a failure that another attempt would
+    /// meet again: a wrong password or unknown role, 28xxx; an unknown
+    /// database, 3D000; a TLS failure, such as a server that refuses TLS
+    /// when it is required or a certificate that does not verify; no
+    /// password for a server that asks for one), checkout
     /// timeouts, a connection already closed before the statement was sent,
     /// serialization failures (40001), deadlocks (40P01), SQLSTATE class 08
     /// and 57P01-57P03. Not retryable: constraint violations, syntax errors,
@@ -279,7 +319,7 @@ impl Error {
     /// flight (it may have run), and [`ErrorKind::AmbiguousCommit`].
     pub fn is_retryable(&self) -> bool {
         match self.0.kind {
-            ErrorKind::Connect => !self.code().is_some_and(is_auth_failure),
+            ErrorKind::Connect => !self.is_permanent_connect_failure(),
             ErrorKind::PoolTimeout => true,
             // Only when known unsent: a connection that broke while the
             // statement was in flight may have run it.
@@ -291,6 +331,28 @@ impl Error {
             }),
             _ => false,
         }
+    }
+
+    /// A connect failure that trying again cannot cure: authentication
+    /// (28xxx), an unknown database (3D000), TLS (the handshake failed or
+    /// the server refused TLS that the sslmode requires).
+    fn is_permanent_connect_failure(&self) -> bool {
+        if self
+            .code()
+            .is_some_and(|c| is_auth_failure(c) || *c == SqlState::INVALID_CATALOG_NAME)
+        {
+            return true;
+        }
+        // The driver keeps its error kind private; its TLS and
+        // configuration failures (no password for a server that asks for
+        // one) are the ones with its fixed texts for them, or a native-tls
+        // error inside.
+        self.as_postgres().is_some_and(|pg| {
+            let text = pg.to_string();
+            text.starts_with("error performing TLS handshake")
+                || text.starts_with("invalid configuration")
+                || chain_has::<native_tls::Error>(pg)
+        })
     }
 
     /// How long until an open circuit breaker lets a call through, for
@@ -325,6 +387,18 @@ pub(crate) fn is_connection_state(code: &SqlState) -> bool {
         || *code == SqlState::CANNOT_CONNECT_NOW
 }
 
+/// Whether `err` or one of its sources is a `T`.
+fn chain_has<T: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<T>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 fn is_auth_failure(code: &SqlState) -> bool {
     code.code().starts_with("28")
 }
@@ -340,22 +414,31 @@ fn classify(err: &postgres::Error) -> ErrorKind {
         } else {
             ErrorKind::Db
         }
-    } else if err.is_closed() || source_is_io(err) {
+    } else if err.is_closed() || chain_has::<std::io::Error>(err) {
         ErrorKind::Closed
+    } else if is_client_side(err) {
+        ErrorKind::Client
     } else {
         ErrorKind::Db
     }
 }
 
-fn source_is_io(err: &postgres::Error) -> bool {
-    let mut source = err.source();
-    while let Some(s) = source {
-        if s.is::<std::io::Error>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
+/// A driver error found before anything was sent: a value that cannot be
+/// encoded as its parameter's type, the wrong number of parameters, a
+/// column that is not there. The driver's kind is private; these are its
+/// fixed messages for them (tokio-postgres `Kind::ToSql`, `FromSql`,
+/// `Parameters`, `Column`).
+fn is_client_side(err: &postgres::Error) -> bool {
+    let text = err.to_string();
+    chain_has::<postgres::types::WrongType>(err)
+        || [
+            "error serializing parameter",
+            "error deserializing column",
+            "invalid column",
+        ]
+        .iter()
+        .any(|p| text.starts_with(p))
+        || (text.starts_with("expected ") && text.contains(" parameters but got "))
 }
 
 impl fmt::Debug for Error {
@@ -398,7 +481,34 @@ impl fmt::Display for Error {
         if let Some(detail) = &self.0.detail {
             write!(f, ": {detail}")?;
         }
+        if let Some(cause) = self.root_cause() {
+            if !self
+                .0
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.ends_with(&cause))
+            {
+                write!(f, ": {cause}")?;
+            }
+        }
         Ok(())
+    }
+}
+
+impl Error {
+    /// The message of the innermost cause, on one line: the server's own
+    /// words for a server error (not the driver's "db error"), else the
+    /// deepest source's first line.
+    fn root_cause(&self) -> Option<String> {
+        if let Some(db) = self.as_db_error() {
+            return Some(db.message().to_owned());
+        }
+        let mut deepest: &(dyn StdError + 'static) = self.source()?;
+        while let Some(next) = deepest.source() {
+            deepest = next;
+        }
+        let text = deepest.to_string();
+        Some(text.lines().next().unwrap_or("").trim_end().to_owned()).filter(|t| !t.is_empty())
     }
 }
 

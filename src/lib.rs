@@ -13,11 +13,13 @@ mod env;
 mod error;
 mod health;
 pub mod hooks;
+mod limits;
 mod manager;
 #[cfg(feature = "prometheus")]
 pub mod metrics;
 mod monitor;
 mod node;
+mod pgpass;
 mod plans;
 mod retry;
 mod shutdown;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, ErrorKind, NodeInfo, source_chain};
+use crate::error::{Error, ErrorKind, NodeInfo};
 use crate::hooks::{self, ConnectionEvent, DisconnectReason, Hooks};
 use crate::statements::StatementCache;
 use crate::sync::lock;
@@ -62,8 +62,8 @@ pub(crate) struct PoolShared {
     /// Set by shutdown: no new connections, returned ones are closed.
     pub(crate) closed: AtomicBool,
     /// The latest failure to connect (cleared by a success), so a checkout
-    /// timeout can say why no connection came.
-    last_connect_error: Mutex<Option<(Instant, String)>>,
+    /// that waited for a connection gets the reason, cause and all.
+    last_connect_error: Mutex<Option<(Instant, Error)>>,
 }
 
 impl PoolShared {
@@ -82,12 +82,14 @@ impl PoolShared {
         lock(&self.last_connect_error).is_some()
     }
 
-    /// The latest connect failure if it happened at or after `since`.
-    pub(crate) fn connect_error_since(&self, since: Instant) -> Option<String> {
+    /// The latest connect failure if it happened at or after `since`, as a
+    /// [`ErrorKind::Connect`] error with the failure's detail and cause
+    /// (the driver's error, a hook's).
+    pub(crate) fn connect_error_since(&self, since: Instant) -> Option<Error> {
         lock(&self.last_connect_error)
             .as_ref()
             .filter(|(at, _)| *at >= since)
-            .map(|(_, msg)| msg.clone())
+            .map(|(_, err)| err.duplicate_as(ErrorKind::Connect))
     }
 }
 
@@ -204,7 +206,8 @@ impl r2d2::ManageConnection for Manager {
             }
             Err(e) => {
                 self.shared.counters.connect_failures.fetch_add(1, Relaxed);
-                *lock(&self.shared.last_connect_error) = Some((Instant::now(), source_chain(&e)));
+                let seen = e.duplicate_as(e.kind());
+                *lock(&self.shared.last_connect_error) = Some((Instant::now(), seen));
                 Err(e)
             }
         }
@@ -263,6 +266,6 @@ pub(crate) struct ConnectErrorLog;
 
 impl r2d2::HandleError<Error> for ConnectErrorLog {
     fn handle_error(&self, error: Error) {
-        log::debug!("{}", source_chain(&error));
+        log::debug!("{error}");
     }
 }

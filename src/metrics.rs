@@ -43,9 +43,10 @@ pub(crate) struct OperationMetrics {
 }
 
 impl OperationMetrics {
-    /// Creates and registers the counters and histograms, and adds the hooks
-    /// that feed them.
-    pub(crate) fn install(registry: &Registry, hooks: &mut Hooks) -> Result<()> {
+    /// Creates the counters and histograms and adds the hooks that feed
+    /// them; nothing is registered until [`register`] (once the cluster is
+    /// built, so a `build()` that fails leaves the registry as it was).
+    pub(crate) fn install(hooks: &mut Hooks) -> Result<Pending> {
         let queries = IntCounterVec::new(
             Opts::new(
                 "pgxkit_queries_total",
@@ -72,15 +73,7 @@ impl OperationMetrics {
             &["node"],
         )
         .map_err(prom_error)?;
-        registry
-            .register(Box::new(queries.clone()))
-            .map_err(prom_error)?;
-        registry
-            .register(Box::new(durations.clone()))
-            .map_err(prom_error)?;
-        registry
-            .register(Box::new(checkout_wait.clone()))
-            .map_err(prom_error)?;
+        let pending = Pending(vec![twin(&queries), twin(&durations), twin(&checkout_wait)]);
         let metrics = Arc::new(OperationMetrics {
             queries,
             durations,
@@ -102,11 +95,42 @@ impl OperationMetrics {
                 .with_label_values(&[ev.node().name()])
                 .observe(ev.duration().as_secs_f64());
         }));
-        Ok(())
+        Ok(pending)
     }
 }
 
+/// A collector, and a second handle to it (the prometheus types are
+/// `Arc`-backed) with which to unregister it again.
+type Twin = (Box<dyn Collector>, Box<dyn Collector>);
+
+fn twin<C: Collector + Clone + 'static>(c: &C) -> Twin {
+    (Box::new(c.clone()), Box::new(c.clone()))
+}
+
+/// Collectors made at `resolve()`, registered only once the cluster is up.
+pub(crate) struct Pending(Vec<Twin>);
+
+/// Registers `pending` and the cluster's gauges on `registry`, all or none:
+/// on a failure (a name already registered there) whatever this call
+/// registered is unregistered again.
+pub(crate) fn register(registry: &Registry, pending: Pending, cluster: Weak<Inner>) -> Result<()> {
+    let mut collectors = pending.0;
+    collectors.push(twin(&ClusterCollector::new(cluster)?));
+    let mut done = Vec::new();
+    for (collector, handle) in collectors {
+        if let Err(e) = registry.register(collector) {
+            for handle in done {
+                let _ = registry.unregister(handle);
+            }
+            return Err(prom_error(e));
+        }
+        done.push(handle);
+    }
+    Ok(())
+}
+
 /// Gauges read from the cluster at scrape time.
+#[derive(Clone)]
 pub(crate) struct ClusterCollector {
     cluster: Weak<Inner>,
     connections: GaugeVec,
@@ -117,7 +141,7 @@ pub(crate) struct ClusterCollector {
 }
 
 impl ClusterCollector {
-    pub(crate) fn register(registry: &Registry, cluster: Weak<Inner>) -> Result<()> {
+    fn new(cluster: Weak<Inner>) -> Result<ClusterCollector> {
         let gauge =
             |name: &str, help: &str, labels: &[&str]| GaugeVec::new(Opts::new(name, help), labels);
         let collector = ClusterCollector {
@@ -153,7 +177,7 @@ impl ClusterCollector {
             )
             .map_err(prom_error)?,
         };
-        registry.register(Box::new(collector)).map_err(prom_error)
+        Ok(collector)
     }
 
     fn vecs(&self) -> [&GaugeVec; 5] {

@@ -401,7 +401,6 @@ impl Node {
             }),
             Err(wait) => Err(Error::new(ErrorKind::CircuitOpen)
                 .with_node(&self.info)
-                .with_detail(format!("retried in {wait:?}"))
                 .with_source(RetryAfter(wait))),
         }
     }
@@ -624,11 +623,9 @@ impl Node {
             let mut conn = match got {
                 Ok(conn) => conn,
                 Err(_) => match self.shared.connect_error_since(start) {
-                    Some(why) => {
+                    Some(err) => {
                         self.shared.counters.checkout_timeouts.fetch_add(1, Relaxed);
-                        return Err(Error::new(ErrorKind::Connect)
-                            .with_node(&self.info)
-                            .with_detail(why));
+                        return Err(err);
                     }
                     None => continue,
                 },
@@ -791,9 +788,7 @@ impl Node {
     fn checkout_failed(&self, start: Instant, timeout: Duration) -> Error {
         self.shared.counters.checkout_timeouts.fetch_add(1, Relaxed);
         match self.shared.connect_error_since(start) {
-            Some(why) => Error::new(ErrorKind::Connect)
-                .with_node(&self.info)
-                .with_detail(format!("no connection within {timeout:?}: {why}")),
+            Some(err) => err.context(&format!("no connection within {timeout:?}")),
             None => Error::new(ErrorKind::PoolTimeout)
                 .with_node(&self.info)
                 .with_detail(format!(
@@ -985,8 +980,8 @@ impl Node {
         } = *stmt;
         if mode == StatementMode::Unnamed {
             let types = statements::infer_types(params).map_err(|n| {
-                Error::config(format!(
-                    "statement_mode: cannot tell the type of parameter ${n} for an unnamed statement; \
+                Error::new(ErrorKind::Unsupported).with_detail(format!(
+                    "cannot tell the type of parameter ${n} for an unnamed statement; \
                      use with_primary and query_typed"
                 ))
             })?;
@@ -995,16 +990,15 @@ impl Node {
             });
         }
         if !params.is_empty() {
-            return Err(Error::config(
-                "statement_mode: the simple protocol takes no parameters ($1, ...)",
-            ));
+            return Err(Error::new(ErrorKind::Unsupported)
+                .with_detail("the simple protocol takes no parameters ($1, ...)"));
         }
         match call {
             Call::Execute => self.guarded(conn, deadline, |client| {
                 statements::execute_simple(client, sql)
             }),
-            Call::Query | Call::QueryOpt => Err(Error::config(
-                "statement_mode: the simple protocol returns text rows, not postgres::Row; \
+            Call::Query | Call::QueryOpt => Err(Error::new(ErrorKind::Unsupported).with_detail(
+                "the simple protocol returns text rows, not postgres::Row; \
                  use with_primary(|c| c.simple_query(..))",
             )),
         }

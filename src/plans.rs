@@ -77,10 +77,15 @@ impl PlanCapture {
         self
     }
 
-    /// How many plan jobs may wait; more are dropped. Defaults to 16.
+    /// How many plan jobs may wait; more are dropped. At least 1 (a 0 is
+    /// taken as 1) and at most 100,000 (more fails `build()`). Defaults to 16.
     pub fn queue(mut self, jobs: usize) -> Self {
         self.queue = jobs.max(1);
         self
+    }
+
+    pub(crate) fn queue_len(&self) -> usize {
+        self.queue
     }
 
     /// Hands each plan to `handler` (on the worker thread) instead of

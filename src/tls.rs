@@ -9,6 +9,7 @@
 //! | `verify-full` | yes | yes | yes |
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use native_tls::{Certificate, Identity, TlsConnector};
 use postgres::config::SslMode as PgSslMode;
@@ -17,6 +18,7 @@ use postgres_native_tls::MakeTlsConnector;
 
 use crate::dsn::{RootCert, SslMode, TlsSettings};
 use crate::error::{Error, Result};
+use crate::sync::lock;
 
 /// How connections to one node are opened: in the clear (`sslmode=disable`)
 /// or through a native-tls connector.
@@ -59,9 +61,15 @@ impl std::fmt::Debug for Tls {
 /// The connectors built so far in one `build()`, shared by nodes with the
 /// same TLS settings: a native-tls connector parses the system CA bundle
 /// twice whatever the settings (~35 ms of CPU per connector here). Not kept
-/// across builds, so a rotated certificate file is read by the next build.
+/// across builds when they read files, so a rotated certificate file is
+/// read by the next build; those that read no file are (see [`FILELESS`]).
 #[derive(Default)]
 pub(crate) struct Connectors(Vec<(TlsSettings, MakeTlsConnector)>);
+
+/// Connectors whose settings name no file (`prefer` or `require` without
+/// certificates, or `sslrootcert=system`), kept for the process: nothing
+/// they depend on changes between builds but the system trust store.
+static FILELESS: Mutex<Vec<(TlsSettings, MakeTlsConnector)>> = Mutex::new(Vec::new());
 
 /// Sets the driver's ssl mode for one node and returns how to connect to it.
 /// Every file is read here, so a missing or bad file fails `build()`.
@@ -81,7 +89,26 @@ pub(crate) fn connector(
     if let Some((_, connector)) = built.0.iter().find(|(settings, _)| settings == tls) {
         return Ok(Tls::On(connector.clone()));
     }
-    let connector = native_connector(tls)?;
+    let fileless = tls.cert.is_none()
+        && tls.key.is_none()
+        && !matches!(tls.root_cert, Some(RootCert::File(_)));
+    let cached = || {
+        lock(&FILELESS)
+            .iter()
+            .find(|(settings, _)| settings == tls)
+            .map(|(_, c)| c.clone())
+    };
+    let connector = match fileless.then(cached).flatten() {
+        Some(connector) => connector,
+        None => {
+            // Built outside the lock: it takes tens of milliseconds.
+            let connector = native_connector(tls)?;
+            if fileless {
+                lock(&FILELESS).push((tls.clone(), connector.clone()));
+            }
+            connector
+        }
+    };
     built.0.push((tls.clone(), connector.clone()));
     Ok(Tls::On(connector))
 }

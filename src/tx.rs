@@ -193,7 +193,7 @@ impl<'c> Transaction<'c> {
                 .with_detail(
                     "the transaction's connection was discarded (a deadline passed or it broke)",
                 )),
-            State::Done => Err(Error::new(ErrorKind::Closed)
+            State::Done => Err(Error::new(ErrorKind::TransactionState)
                 .with_node(&self.node.info)
                 .with_detail("the transaction has ended")),
             State::Open | State::Aborted => Ok(()),
@@ -211,7 +211,7 @@ impl<'c> Transaction<'c> {
     ) -> Result<T> {
         self.check_usable()?;
         let mut conn = self.conn.try_borrow_mut().map_err(|_| {
-            Error::new(ErrorKind::Closed)
+            Error::new(ErrorKind::TransactionState)
                 .with_node(&self.node.info)
                 .with_detail("the transaction is in use by another call")
         })?;

@@ -24,6 +24,7 @@ fn assert_config_error(result: pgxkit::Result<Cluster>, key: &str) {
         "error for {key} does not name it: {shown}"
     );
     assert!(!shown.contains(SECRET), "password leaked: {shown}");
+    assert!(!shown.contains("DSN: DSN"), "said twice: {shown}");
 }
 
 #[test]
@@ -104,13 +105,54 @@ fn bad_dsns_and_options_name_the_key() {
                     .health_check_period(Duration::ZERO),
             ),
         ),
+        // An unknown key is not repeated (it may be a piece of a password):
+        // its place is named instead.
         (
-            "nonsense",
+            "query parameter 1",
             lazy(Cluster::builder().primary(dsn("nonsense=1"))),
         ),
         (
-            "scheme",
+            "postgres://",
             lazy(Cluster::builder().primary(format!("mysql://app:{SECRET}@h/db"))),
+        ),
+        // Sizes r2d2 would try to allocate up front (an abort, not an error).
+        (
+            "pool_max_conns",
+            lazy(Cluster::builder().primary(dsn("pool_max_conns=4294967295"))),
+        ),
+        (
+            "max_conns",
+            lazy(Cluster::builder().primary(dsn("")).max_conns(u32::MAX)),
+        ),
+        (
+            "max_conn_lifetime",
+            lazy(
+                Cluster::builder()
+                    .primary(dsn(""))
+                    .max_conn_lifetime(Duration::MAX),
+            ),
+        ),
+        (
+            "checkout_timeout",
+            lazy(
+                Cluster::builder()
+                    .primary(dsn(""))
+                    .checkout_timeout(Duration::MAX),
+            ),
+        ),
+        (
+            "statement_cache_capacity",
+            lazy(
+                Cluster::builder()
+                    .primary(dsn(""))
+                    .statement_cache_capacity(usize::MAX),
+            ),
+        ),
+        (
+            "capture_slow_plans",
+            lazy(Cluster::builder().primary(dsn("")).capture_slow_plans(
+                pgxkit::PlanCapture::new(Duration::from_secs(1)).queue(usize::MAX),
+            )),
         ),
         (
             "replica2 DSN",
@@ -259,14 +301,13 @@ fn bad_environment_names_the_variable() {
         assert!(shown.contains(key), "{key}: {shown}");
         assert!(!shown.contains(SECRET), "{shown}");
     }
-    // Zero connections from the environment fail at build, naming the setting.
-    let err =
-        ClusterBuilder::from_env_with(|k| (k == "POSTGRES_MAX_CONNS").then(|| "0".to_string()))
-            .unwrap()
-            .lazy_connect(true)
-            .build()
-            .unwrap_err();
-    assert!(err.to_string().contains("max_conns"), "{err}");
+    // Sizes out of bounds from the environment name the variable.
+    for bad in ["0", "4294967295"] {
+        let err =
+            ClusterBuilder::from_env_with(|k| (k == "POSTGRES_MAX_CONNS").then(|| bad.to_string()))
+                .unwrap_err();
+        assert!(err.to_string().contains("POSTGRES_MAX_CONNS"), "{err}");
+    }
 }
 
 #[test]
@@ -354,4 +395,36 @@ fn from_env_in_a_real_process() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[test]
+fn a_dsn_without_a_password_finds_it_in_the_password_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let local = LocalCluster::builder().password_auth(true).start().unwrap();
+    let port = local.primary().port();
+    let dir = tempfile::tempdir().unwrap();
+    let passfile = dir.path().join("pgpass");
+    std::fs::write(
+        &passfile,
+        format!(
+            "# other servers first\n127.0.0.1:1:*:*:wrong\n127.0.0.1:{port}:postgres:postgres:{}\n",
+            local.password().unwrap()
+        ),
+    )
+    .unwrap();
+    let dsn = format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable passfile={}",
+        passfile.display()
+    );
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cluster = Cluster::builder().primary(&dsn).build().unwrap();
+    assert_eq!(
+        cluster.query_one("SELECT 1", &[]).unwrap().get::<_, i32>(0),
+        1
+    );
+    // As libpq: a file that others can read is not used.
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Cluster::builder().primary(&dsn).build().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connect, "{err}");
+    assert!(!err.is_retryable(), "{err:?}");
 }

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::builder_for;
+use pgxkit::Cluster;
 use pgxkit::testkit::LocalCluster;
 use prometheus::{Encoder, Registry, TextEncoder};
 
@@ -87,4 +88,40 @@ fn a_known_workload_gives_exact_counts() {
         .unwrap_err();
     assert_eq!(err.kind(), pgxkit::ErrorKind::Config);
     assert!(err.to_string().contains("prometheus"), "{err}");
+}
+
+#[test]
+fn a_failed_build_leaves_the_registry_as_it_was() {
+    let registry = prometheus::Registry::new();
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let err = Cluster::builder()
+        .primary(format!(
+            "postgres://postgres@127.0.0.1:{closed_port}/postgres?sslmode=disable"
+        ))
+        .prometheus(&registry)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), pgxkit::ErrorKind::Connect, "{err}");
+    assert!(registry.gather().is_empty(), "registered by a failed build");
+    // The retry, once the server is there, registers on the same registry.
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::builder()
+        .primary(local.primary_dsn())
+        .prometheus(&registry)
+        .build()
+        .unwrap();
+    cluster.execute("SELECT 1", &[]).unwrap();
+    let names: Vec<String> = registry
+        .gather()
+        .iter()
+        .map(|f| f.name().to_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "pgxkit_queries_total"),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n == "pgxkit_node_up"), "{names:?}");
 }
