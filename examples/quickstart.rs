@@ -52,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         *writes_by_port.entry(row.get(0)).or_default() += 1;
     }
 
-    // Reads go round-robin to the replicas, once they have the rows.
+    // Reads go to the replicas, once they have the rows.
     if let Some(local) = &_local {
         local.wait_for_replicas_caught_up(Duration::from_secs(10))?;
     } else {
@@ -67,18 +67,49 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let mut reads_by_port: BTreeMap<i32, u32> = BTreeMap::new();
-    for _ in 0..100 {
+    let read_port = |cluster: &Cluster| -> Result<i32, pgxkit::Error> {
         let row = cluster.read_query_one(
             "SELECT inet_server_port(), count(*) FROM quickstart_users",
             &[],
         )?;
-        *reads_by_port.entry(row.get(0)).or_default() += 1;
+        Ok(row.get(0))
+    };
+    // One thread: all its reads go to one replica. The default balance
+    // (ReadBalance::PerThread) keeps each thread on one replica, and so on
+    // one server backend, which is what makes pooled reads as fast as a
+    // dedicated connection; the threads are spread round-robin.
+    let mut one_thread: BTreeMap<i32, u32> = BTreeMap::new();
+    for _ in 0..100 {
+        *one_thread.entry(read_port(&cluster)?).or_default() += 1;
     }
+    // Four threads, 25 reads each: each new thread takes the next replica.
+    let per_thread: Vec<BTreeMap<i32, u32>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut seen: BTreeMap<i32, u32> = BTreeMap::new();
+                    for _ in 0..25 {
+                        *seen.entry(read_port(&cluster)?).or_default() += 1;
+                    }
+                    Ok::<_, pgxkit::Error>(seen)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a reader thread panicked"))
+            .collect::<Result<_, _>>()
+    })?;
     cluster.batch_execute("DROP TABLE quickstart_users")?;
 
     println!("\nwrites by server port: {writes_by_port:?}");
-    println!("reads by server port:  {reads_by_port:?}");
+    println!("100 reads from one thread, by server port: {one_thread:?}");
+    println!("  (a thread stays on one replica: ReadBalance::PerThread, the default)");
+    for (i, seen) in per_thread.iter().enumerate() {
+        println!("25 reads from thread {}, by server port: {seen:?}", i + 1);
+    }
+    println!("  (threads are spread round-robin over the replicas;");
+    println!("   .read_balance(ReadBalance::PerCall) alternates every read instead)");
     println!(
         "\n{:<10} {:>4} {:>6} {:>5} {:>9} {:>9}",
         "node", "max", "total", "idle", "acquires", "new conns"

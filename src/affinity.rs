@@ -208,11 +208,11 @@ impl<C> Shard<C> {
 
 impl<C> Parking<C> {
     /// This thread's parked connection, else an idle one from `idle`
-    /// (r2d2's idle list), else another thread's parked connection. With
-    /// none, the caller must wait in r2d2: as a grower, for the connection
-    /// its wait makes r2d2 open, when `room` says the pool has room for the
-    /// given number of growers (this one included); else registered as a
-    /// waiter, so that released connections go to r2d2.
+    /// (r2d2's idle list); else, when `room` says the pool has room for the
+    /// given number of growers (this one included), the caller waits in
+    /// r2d2 as a grower for the connection its wait makes r2d2 open; else
+    /// another thread's parked connection; else the caller waits in r2d2
+    /// registered as a waiter, so that released connections go to r2d2.
     #[inline]
     pub(crate) fn take(
         &self,
@@ -262,14 +262,15 @@ impl<C> Parking<C> {
         if let Some(conn) = idle() {
             return Ok(conn);
         }
-        if let Some(conn) = self.any(stripe) {
-            return Ok(conn);
-        }
         // While the pool can open another connection, wait for that one
         // (as Go's pgxpool does) instead of registering, for the same
         // reason: while a pool filled, registered waiters passed
         // connections from thread to thread (measured: 100-300 of the first
-        // 400 checkouts at 8 threads on 8 connections).
+        // 400 checkouts at 8 threads on 8 connections). And before taking
+        // another thread's parked connection: that thread is between two
+        // of its queries and would only have to take someone else's (a
+        // thread that started late took one as the pool filled, and two
+        // threads each saw two backends).
         let growers = self.growers.fetch_add(1, SeqCst) + 1;
         let growing = Waiting {
             parking: self,
@@ -279,6 +280,9 @@ impl<C> Parking<C> {
             return Err(growing);
         }
         drop(growing);
+        if let Some(conn) = self.any(stripe) {
+            return Ok(conn);
+        }
         between(Step::TakerFoundNothing);
         self.waiters.fetch_add(1, SeqCst);
         let waiting = Waiting {

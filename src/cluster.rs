@@ -176,6 +176,11 @@ impl Cluster {
             watchdog: Arc::clone(&watchdog),
             statement_cache_capacity: config.statement_cache_capacity,
         };
+        let idle_time = std::iter::once(&config.primary)
+            .chain(&config.replicas)
+            .map(|n| n.pool.max_conn_idle_time)
+            .min()
+            .unwrap_or(Duration::MAX);
         let primary = Node::open(config.primary, &options, &pool_threads);
         let replicas: Vec<Node> = config
             .replicas
@@ -183,44 +188,50 @@ impl Cluster {
             .map(|r| Node::open(r, &options, &pool_threads))
             .collect();
 
-        // One connection to each node, all at once, each bounded by its
-        // connect timeout (and, with require_tls, checked for encryption).
+        // A probe connection to each node, all at once, each bounded by its
+        // connect timeout and by PROBE_TIMEOUT (and, with require_tls,
+        // checked for encryption). The round below probes them, so the first
+        // health() is current; the monitor keeps them for its rounds.
         let require_tls = config.require_tls;
-        let check = move |node: &Node| -> Result<()> {
-            let mut client = node.connect_direct()?;
+        let check = move |node: &Node| -> Result<postgres::Client> {
+            let mut client = node.connect_probe(monitor::PROBE_TIMEOUT)?;
             if require_tls && !tls::ssl_status(&node.info, &mut client)?.encrypted {
                 return Err(Error::config(format!(
                     "require_tls: the connection to {} is not encrypted",
                     node.info
                 )));
             }
-            Ok(())
+            Ok(client)
         };
-        let checks = std::thread::scope(|s| {
+        let joined = |h: std::thread::ScopedJoinHandle<'_, Result<postgres::Client>>| {
+            h.join().unwrap_or_else(|_| {
+                Err(Error::new(ErrorKind::Connect).with_detail("the connection check panicked"))
+            })
+        };
+        let (primary_check, replica_checks) = std::thread::scope(|s| {
             let replica_checks: Vec<_> =
                 replicas.iter().map(|r| s.spawn(move || check(r))).collect();
             let primary_check = (!config.lazy_connect).then(|| check(&primary));
-            let replica_results: Vec<Result<()>> = replica_checks
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(Error::new(ErrorKind::Connect)))
-                })
-                .collect();
-            (primary_check, replica_results)
+            (
+                primary_check,
+                replica_checks.into_iter().map(joined).collect::<Vec<_>>(),
+            )
         });
-        if let Some(Err(e)) = checks.0 {
-            return Err(e);
-        }
-        for (replica, result) in replicas.iter().zip(checks.1) {
-            match result {
-                Ok(()) => {}
+        let mut probes = vec![match primary_check {
+            Some(Err(e)) => return Err(e),
+            Some(Ok(client)) => Some(client),
+            None => None,
+        }];
+        for (replica, result) in replicas.iter().zip(replica_checks) {
+            probes.push(match result {
+                Ok(client) => Some(client),
                 Err(e) if e.kind() == ErrorKind::Config => return Err(e),
                 Err(e) => {
-                    replica.set_up(false);
+                    monitor::record_unreachable(replica, &e);
                     log::warn!("{e}; it gets no reads until a health probe reaches it");
+                    None
                 }
-            }
+            });
         }
 
         let (plans, plan_jobs) = match &config.plan_capture {
@@ -252,13 +263,14 @@ impl Cluster {
                 .with_detail(format!("cannot start the {what} thread"))
                 .with_source(e)
         };
-        let monitor = monitor::spawn(
-            Arc::downgrade(&inner),
-            config.health_check_period,
-            config.leak_threshold,
-            stop_rx.clone(),
-        )
-        .map_err(|e| thread_error("health monitor", e))?;
+        monitor::round(&inner, &mut probes, false);
+        let settings = monitor::Settings {
+            period: config.health_check_period,
+            leak_threshold: config.leak_threshold,
+            idle_time,
+        };
+        let monitor = monitor::spawn(Arc::downgrade(&inner), settings, stop_rx.clone(), probes)
+            .map_err(|e| thread_error("health monitor", e))?;
         lock(&inner.threads).push(monitor);
         if let Some(jobs) = plan_jobs {
             let worker = plans::spawn(Arc::downgrade(&inner), jobs, stop_rx)

@@ -182,19 +182,21 @@ impl fmt::Debug for ClusterBuilder {
 }
 
 impl ClusterBuilder {
-    /// A builder configured from `POSTGRES_*` environment variables, to be
-    /// adjusted further before `build()`. Read only when this is called.
+    /// A builder configured from `POSTGRES_*` environment variables, then
+    /// libpq's `PG*` ones, to be adjusted further before `build()`. Read
+    /// only when this is called.
     ///
-    /// | variable | meaning | default |
+    /// | variable (first set wins) | meaning | default |
     /// |---|---|---|
-    /// | `POSTGRES_HOST` | primary host | `localhost` |
-    /// | `POSTGRES_PORT` | port of every node without its own | `5432` |
-    /// | `POSTGRES_USER` | user | the OS user (`$USER`), else `postgres` |
-    /// | `POSTGRES_PASSWORD` | password | none |
-    /// | `POSTGRES_PASSWORD_FILE` | file holding the password (one trailing newline dropped); not with `POSTGRES_PASSWORD` | none |
-    /// | `POSTGRES_DB` | database | the user name |
-    /// | `POSTGRES_SSLMODE` | `disable`, `prefer`, `require`, `verify-ca`, `verify-full` | `prefer` |
-    /// | `POSTGRES_SSLROOTCERT`, `POSTGRES_SSLCERT`, `POSTGRES_SSLKEY` | TLS files (libpq's `sslrootcert`, `sslcert`, `sslkey`) | none |
+    /// | `POSTGRES_HOST`, `PGHOST` | primary host | `localhost` |
+    /// | `POSTGRES_PORT`, `PGPORT` | port of every node without its own | `5432` |
+    /// | `POSTGRES_USER`, `PGUSER` | user | the OS user (`$USER`), else `postgres` |
+    /// | `POSTGRES_PASSWORD`, `POSTGRES_PASSWORD_FILE`, `PGPASSWORD` | password; the file's one trailing newline is dropped; not both `POSTGRES_` ones | none: the password file (`passfile`, `PGPASSFILE`, `~/.pgpass`) |
+    /// | `POSTGRES_DB`, `PGDATABASE` | database | the user name |
+    /// | `POSTGRES_SSLMODE`, `PGSSLMODE` | `disable`, `prefer`, `require`, `verify-ca`, `verify-full` | `prefer` |
+    /// | `POSTGRES_SSLROOTCERT`, `PGSSLROOTCERT`; `POSTGRES_SSLCERT`, `PGSSLCERT`; `POSTGRES_SSLKEY`, `PGSSLKEY` | TLS files (libpq's `sslrootcert`, `sslcert`, `sslkey`) | none |
+    /// | `POSTGRES_APPLICATION_NAME`, `PGAPPNAME` | `application_name` | `pgxkit` |
+    /// | `POSTGRES_CONNECT_TIMEOUT`, `PGCONNECT_TIMEOUT` | connect timeout in seconds (fractions allowed) | 10 |
     /// | `POSTGRES_MAX_CONNS` | [`max_conns`](Self::max_conns) | CPUs, at least 4 |
     /// | `POSTGRES_MIN_CONNS` | [`min_conns`](Self::min_conns) | 0 |
     /// | `POSTGRES_MAX_CONN_LIFETIME` | [`max_conn_lifetime`](Self::max_conn_lifetime), e.g. `1h` | `1h` |
@@ -263,8 +265,9 @@ impl ClusterBuilder {
     }
 
     /// How long a connection may live before it is closed (when next
-    /// returned or checked out; idle ones within 30 s). Defaults to the DSN's
-    /// `pool_max_conn_lifetime`, else 1 hour.
+    /// returned or checked out; idle ones within a second, or within 30 s
+    /// with [`min_conns`](Self::min_conns)). At most one year. Defaults to
+    /// the DSN's `pool_max_conn_lifetime`, else 1 hour.
     pub fn max_conn_lifetime(mut self, d: Duration) -> Self {
         self.pool.max_conn_lifetime = Some(d);
         self
@@ -278,8 +281,20 @@ impl ClusterBuilder {
         self
     }
 
-    /// How long a connection may sit idle before it is closed (checked every
-    /// 30 s). Defaults to the DSN's `pool_max_conn_idle_time`, else 30 minutes.
+    /// How long a connection may sit idle before it is closed: within this
+    /// plus at most one second (the health monitor looks every half of it,
+    /// 100 ms to 1 s); with [`min_conns`](Self::min_conns) set, r2d2's own
+    /// reaper closes them, which looks every 30 s. At most one year.
+    /// Defaults to the DSN's `pool_max_conn_idle_time`, else 30 minutes.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// let cluster = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .max_conn_idle_time(Duration::from_secs(60))
+    ///     .build()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn max_conn_idle_time(mut self, d: Duration) -> Self {
         self.pool.max_conn_idle_time = Some(d);
         self

@@ -90,23 +90,35 @@ impl Watchdog {
         }
     }
 
+    /// The job channel, starting the thread on first use. The thread is
+    /// spawned, and a failure logged, outside the lock; the lock only pairs
+    /// the channel with its thread. A caller that lost the race to start it
+    /// lets its own thread go (its channel closes, so it ends at once).
     fn sender(&self) -> Option<&Sender<Box<Job>>> {
         if let Some(s) = self.jobs.get() {
             return Some(s);
         }
         let (tx, rx) = crossbeam_channel::unbounded();
-        let mut thread = lock(&self.thread);
-        if self.jobs.get().is_none() {
-            match std::thread::Builder::new()
-                .name("pgxkit-deadline".to_owned())
-                .spawn(move || run(&rx))
-            {
-                Ok(handle) => {
-                    *thread = Some(handle);
-                    let _ = self.jobs.set(tx);
+        let spawned = std::thread::Builder::new()
+            .name("pgxkit-deadline".to_owned())
+            .spawn(move || run(&rx));
+        match spawned {
+            Ok(handle) => {
+                let lost = {
+                    let mut thread = lock(&self.thread);
+                    match self.jobs.set(tx) {
+                        Ok(()) => {
+                            *thread = Some(handle);
+                            None
+                        }
+                        Err(_closed) => Some(handle),
+                    }
+                };
+                if let Some(handle) = lost {
+                    let _ = handle.join();
                 }
-                Err(e) => log::error!("cannot start the deadline watchdog thread: {e}"),
             }
+            Err(e) => log::error!("cannot start the deadline watchdog thread: {e}"),
         }
         self.jobs.get()
     }

@@ -1,4 +1,5 @@
-//! `POSTGRES_*` environment variables to a DSN and a cluster configuration.
+//! `POSTGRES_*` environment variables, then libpq's `PG*` ones, to a DSN
+//! and a cluster configuration.
 //!
 //! Read only when asked (`from_env`, `dsn_from_env`), never behind the
 //! user's back. An empty variable counts as unset.
@@ -13,7 +14,10 @@ use crate::limits;
 /// The primary's DSN from `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_USER`,
 /// `POSTGRES_PASSWORD` or `POSTGRES_PASSWORD_FILE`, `POSTGRES_DB`,
 /// `POSTGRES_SSLMODE` and `POSTGRES_SSLROOTCERT` / `POSTGRES_SSLCERT` /
-/// `POSTGRES_SSLKEY`, with libpq's defaults (the Go library's `GetDSN`).
+/// `POSTGRES_SSLKEY`, each falling back to libpq's `PG*` variable
+/// (`PGHOST`, `PGPORT`, ...), with libpq's defaults (the Go library's
+/// `GetDSN`); see [`ClusterBuilder::from_env`](crate::ClusterBuilder::from_env)
+/// for the table.
 ///
 /// The result holds the password: do not log it (see [`redact_dsn`](crate::redact_dsn)).
 ///
@@ -112,6 +116,11 @@ impl Env<'_> {
         (self.0)(key).filter(|v| !v.is_empty())
     }
 
+    /// The first of `keys` that is set, with its name (for errors).
+    fn first(&self, keys: &[&'static str]) -> Option<(&'static str, String)> {
+        keys.iter().find_map(|k| self.get(k).map(|v| (*k, v)))
+    }
+
     fn parse_u32(&self, key: &str) -> Result<Option<u32>> {
         self.get(key)
             .map(|v| {
@@ -147,24 +156,26 @@ struct Connection {
     password: Option<String>,
     db: String,
     sslmode: SslMode,
-    tls_files: Vec<(&'static str, String)>,
+    /// Further DSN keys: TLS files, application name, connect timeout.
+    params: Vec<(&'static str, String)>,
 }
 
 impl Connection {
     fn read(env: &Env<'_>) -> Result<Self> {
         let host = env
-            .get("POSTGRES_HOST")
-            .unwrap_or_else(|| "localhost".to_owned());
-        let port = match env.get("POSTGRES_PORT") {
-            Some(p) => p
+            .first(&["POSTGRES_HOST", "PGHOST"])
+            .map_or_else(|| "localhost".to_owned(), |(_, v)| v);
+        let port = match env.first(&["POSTGRES_PORT", "PGPORT"]) {
+            Some((key, p)) => p
                 .trim()
                 .parse::<u16>()
-                .map_err(|_| Error::config("POSTGRES_PORT: invalid value: not a port number"))?,
+                .map_err(|_| Error::config(format!("{key}: invalid value: not a port number")))?,
             None => 5432,
         };
         // libpq's default user is the OS user; its default database, the user.
         let user = env
-            .get("POSTGRES_USER")
+            .first(&["POSTGRES_USER", "PGUSER"])
+            .map(|(_, v)| v)
             .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
             .unwrap_or_else(|| "postgres".to_owned());
         let password = match (
@@ -178,23 +189,37 @@ impl Connection {
             }
             (Some(p), None) => Some(p),
             (None, Some(path)) => Some(read_password_file(&path)?),
-            (None, None) => None,
+            (None, None) => env.get("PGPASSWORD"),
         };
-        let db = env.get("POSTGRES_DB").unwrap_or_else(|| user.clone());
-        let sslmode = match env.get("POSTGRES_SSLMODE") {
-            Some(mode) => mode
-                .parse::<SslMode>()
-                .map_err(|e| e.context("POSTGRES_SSLMODE"))?,
+        let db = env
+            .first(&["POSTGRES_DB", "PGDATABASE"])
+            .map_or_else(|| user.clone(), |(_, v)| v);
+        let sslmode = match env.first(&["POSTGRES_SSLMODE", "PGSSLMODE"]) {
+            Some((key, mode)) => mode.parse::<SslMode>().map_err(|e| e.context(key))?,
             None => SslMode::Prefer,
         };
-        let tls_files = [
-            ("sslrootcert", "POSTGRES_SSLROOTCERT"),
-            ("sslcert", "POSTGRES_SSLCERT"),
-            ("sslkey", "POSTGRES_SSLKEY"),
+        let mut params: Vec<(&'static str, String)> = [
+            ("sslrootcert", ["POSTGRES_SSLROOTCERT", "PGSSLROOTCERT"]),
+            ("sslcert", ["POSTGRES_SSLCERT", "PGSSLCERT"]),
+            ("sslkey", ["POSTGRES_SSLKEY", "PGSSLKEY"]),
+            (
+                "application_name",
+                ["POSTGRES_APPLICATION_NAME", "PGAPPNAME"],
+            ),
         ]
         .into_iter()
-        .filter_map(|(key, var)| env.get(var).map(|v| (key, v)))
+        .filter_map(|(key, vars)| env.first(&vars).map(|(_, v)| (key, v)))
         .collect();
+        if let Some((key, secs)) = env.first(&["POSTGRES_CONNECT_TIMEOUT", "PGCONNECT_TIMEOUT"]) {
+            // Checked here so the error names the variable, not the DSN key.
+            let valid = secs.trim().parse::<f64>().is_ok_and(f64::is_finite);
+            if !valid {
+                return Err(Error::config(format!(
+                    "{key}: invalid value: not a number of seconds"
+                )));
+            }
+            params.push(("connect_timeout", secs.trim().to_owned()));
+        }
         Ok(Connection {
             host,
             port,
@@ -202,7 +227,7 @@ impl Connection {
             password,
             db,
             sslmode,
-            tls_files,
+            params,
         })
     }
 
@@ -221,7 +246,7 @@ impl Connection {
             percent_encode(&self.db),
             self.sslmode
         );
-        for (key, value) in &self.tls_files {
+        for (key, value) in &self.params {
             dsn.push_str(&format!("&{key}={}", percent_encode(value)));
         }
         dsn

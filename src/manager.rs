@@ -23,6 +23,12 @@ pub(crate) struct Conn {
     returned: Instant,
     /// Set when an operation saw the connection fail; it is then discarded.
     pub(crate) broken: bool,
+    /// Set by the idle sweep: idle for `max_conn_idle_time`; discarded when
+    /// handed back to r2d2.
+    pub(crate) idle_expired: bool,
+    /// Set when the connection goes back to r2d2 without having been used
+    /// (the idle sweep, unparking): its idle clock keeps running.
+    pub(crate) keep_idle_clock: bool,
 }
 
 impl Conn {
@@ -202,6 +208,8 @@ impl r2d2::ManageConnection for Manager {
                     expires: now + self.lifetime(),
                     returned: now,
                     broken: false,
+                    idle_expired: false,
+                    keep_idle_clock: false,
                 }))
             }
             Err(e) => {
@@ -221,8 +229,11 @@ impl r2d2::ManageConnection for Manager {
 
     fn has_broken(&self, conn: &mut Box<Conn>) -> bool {
         let now = Instant::now();
-        conn.returned = now;
+        if !std::mem::take(&mut conn.keep_idle_clock) {
+            conn.returned = now;
+        }
         conn.broken
+            || conn.idle_expired
             || conn.client.is_closed()
             || conn.expired(now)
             || self.shared.closed.load(Relaxed)
@@ -236,7 +247,9 @@ pub(crate) struct ReleaseCounter(pub(crate) Arc<PoolShared>);
 impl r2d2::CustomizeConnection<Box<Conn>, Error> for ReleaseCounter {
     fn on_release(&self, conn: Box<Conn>) {
         let counters = &self.0.counters;
-        let (counter, reason) = if conn.broken || conn.client.is_closed() {
+        let (counter, reason) = if conn.idle_expired {
+            (&counters.closed_idle, DisconnectReason::Idle)
+        } else if conn.broken || conn.client.is_closed() {
             (&counters.closed_broken, DisconnectReason::Broken)
         } else if conn.expired(Instant::now()) {
             (&counters.closed_lifetime, DisconnectReason::Lifetime)

@@ -114,6 +114,8 @@ pub(crate) struct Node {
     connector: Arc<Connector>,
     shared: Arc<PoolShared>,
     max_conns: u32,
+    min_conns: u32,
+    max_conn_idle_time: Duration,
     checkout_timeout: Duration,
     validate_after_idle: Duration,
     hooks: Arc<Hooks>,
@@ -125,6 +127,9 @@ pub(crate) struct Node {
     up: AtomicBool,
     lag_bytes: AtomicU64,
     lag_micros: AtomicU64,
+    /// Since when the monitor has seen this replica behind with no replayed
+    /// commit to date its lag by.
+    behind_since: Mutex<Option<Instant>>,
     probe: Mutex<ProbeRecord>,
     breaker: Mutex<Breaker>,
     // Mirrors of the breaker for the lock-free fast path.
@@ -303,6 +308,8 @@ impl Node {
             connector,
             shared,
             max_conns: pool.max_conns,
+            min_conns: pool.min_conns,
+            max_conn_idle_time: pool.max_conn_idle_time,
             checkout_timeout: options.checkout_timeout,
             validate_after_idle: options.validate_after_idle,
             hooks: Arc::clone(&options.hooks),
@@ -319,6 +326,7 @@ impl Node {
             up: AtomicBool::new(true),
             lag_bytes: AtomicU64::new(UNKNOWN),
             lag_micros: AtomicU64::new(UNKNOWN),
+            behind_since: Mutex::new(None),
             probe: Mutex::new(ProbeRecord::default()),
             breaker: Mutex::new(Breaker::new(options.breaker)),
             breaker_state: AtomicU8::new(BreakerState::Closed.to_u8()),
@@ -351,6 +359,18 @@ impl Node {
             u64::try_from(t.as_micros()).unwrap_or(UNKNOWN - 1)
         });
         self.lag_micros.store(micros, Relaxed);
+    }
+
+    /// For a replica seen `behind` with no replay timestamp: how long it has
+    /// been seen so (from the first such probe); `None`, and forgotten, once
+    /// it is not.
+    pub(crate) fn behind_undated(&self, behind: bool, now: Instant) -> Option<Duration> {
+        let mut since = lock(&self.behind_since);
+        if !behind {
+            *since = None;
+            return None;
+        }
+        Some(now.saturating_duration_since(*since.get_or_insert(now)))
     }
 
     pub(crate) fn probe_record(&self) -> ProbeRecord {
@@ -491,15 +511,6 @@ impl Node {
             "on_node_health_change",
             |hook| hook(&event),
         );
-    }
-
-    /// Opens one connection outside the pool, bounded by the connect timeout.
-    pub(crate) fn connect_direct(&self) -> Result<postgres::Client> {
-        self.connector.connect().map_err(|e| {
-            Error::new(ErrorKind::Connect)
-                .with_node(&self.info)
-                .with_source(e)
-        })
     }
 
     /// A connection for health probes: like the pool's, but every statement
@@ -647,16 +658,23 @@ impl Node {
     }
 
     /// Whether a checkout that found nothing may wait for a new connection
-    /// (see [`Parking::take`]): the pool is open, below `max_conns` with
-    /// `growers` more, and the latest connect did not fail.
+    /// (see [`Parking::take`]): the pool is open, below `max_conns`, and
+    /// the latest connect did not fail.
+    ///
+    /// The other growers are not counted against the room: r2d2 counts a
+    /// connection as open as soon as it hands it to a grower, which counts
+    /// itself until it has returned from r2d2, so the sum would count that
+    /// connection twice for a moment, and the "no" it gave sent a checkout
+    /// to take another thread's parked connection while the pool filled. A
+    /// grower too many costs only one wait slice: once the pool is full it
+    /// looks again (`checkout_slow`) and waits for a release.
     #[cold]
     #[inline(never)]
-    fn may_grow(&self, growers: usize) -> bool {
+    fn may_grow(&self, _growers: usize) -> bool {
         if self.shared.closed.load(Relaxed) || self.shared.connect_failing() {
             return false;
         }
-        let open = usize::try_from(self.pool.state().connections).unwrap_or(usize::MAX);
-        open.saturating_add(growers) <= usize::try_from(self.max_conns).unwrap_or(usize::MAX)
+        self.pool.state().connections < self.max_conns
     }
 
     /// Books a successful checkout: counters, the utilisation warning, leak
@@ -764,10 +782,12 @@ impl Node {
             let held = record.acquired.elapsed();
             if !record.reported && held > leaks.threshold {
                 record.reported = true;
-                found.push((held, record.backtrace.as_ref().map(ToString::to_string)));
+                // Reported once: the backtrace leaves the record, and is
+                // formatted (symbolised, slow) after the lock every
+                // checkout takes is released.
+                found.push((held, record.backtrace.take()));
             }
         }
-        // Logged after the lock is released.
         for (held, backtrace) in found {
             match backtrace {
                 Some(bt) => log::warn!(
@@ -1048,7 +1068,44 @@ impl Node {
     /// Hands connections parked longer than `age` back to r2d2, whose
     /// reaper then applies the idle timeout to them.
     pub(crate) fn unpark_older_than(&self, age: Duration) {
-        drop(self.parking.take_older_than(age));
+        let mut unparked = self.parking.take_older_than(age);
+        for conn in &mut unparked {
+            conn.keep_idle_clock = true;
+        }
+        drop(unparked);
+    }
+
+    /// Closes the connections idle in r2d2 for `max_conn_idle_time` or
+    /// past their lifetime (r2d2's own reaper looks only every 30 s), and
+    /// hands the others back in the order they were (r2d2 keeps a stack),
+    /// their idle clocks running on. Only without `min_conns`: r2d2 opens
+    /// a connection whenever a take leaves fewer idle than that, so the
+    /// sweep would open what it looks at; r2d2's reaper serves that case.
+    pub(crate) fn close_idle(&self) {
+        if self.min_conns > 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut kept = Vec::new();
+        let mut closing = Vec::new();
+        // Bounded: every connection taken stays here until the end, so at
+        // most max_conns of them.
+        while let Some(mut conn) = self.pool.try_get() {
+            if conn.expired(now) {
+                closing.push(conn); // has_broken sees the expiry
+            } else if conn.idle_for(now) >= self.max_conn_idle_time {
+                conn.idle_expired = true;
+                closing.push(conn);
+            } else {
+                conn.keep_idle_clock = true;
+                kept.push(conn);
+            }
+        }
+        drop(closing);
+        // The last taken was the deepest in the stack: it goes back first.
+        while let Some(conn) = kept.pop() {
+            drop(conn);
+        }
     }
 
     pub(crate) fn pool_stats(&self) -> PoolStats {

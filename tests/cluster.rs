@@ -616,10 +616,11 @@ fn a_checkout_the_server_refuses_a_new_connection_for_is_served_by_a_release() {
     let local = LocalCluster::start(0).unwrap();
     Cluster::connect(&local.primary_dsn())
         .unwrap()
-        .batch_execute("CREATE ROLE limited LOGIN CONNECTION LIMIT 2")
+        .batch_execute("CREATE ROLE limited LOGIN CONNECTION LIMIT 3")
         .unwrap();
-    // Room for three in the pool, two on the server: the third connection
-    // the pool tries to open is refused.
+    // Room for three in the pool, two on the server (the health monitor's
+    // probe connection, opened at build, takes the third): the third
+    // connection the pool tries to open is refused.
     let cluster = Cluster::builder()
         .primary(local.primary_dsn().replacen("postgres@", "limited@", 1))
         .max_conns(THREADS as u32)
@@ -687,4 +688,58 @@ fn many_threads_share_few_connections_without_starving() {
         worst < Duration::from_secs(2),
         "a thread waited {worst:?} for one operation"
     );
+}
+
+#[test]
+fn idle_connections_close_after_max_conn_idle_time() {
+    const IDLE: Duration = Duration::from_secs(1);
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::builder()
+        .primary(local.primary_dsn())
+        .max_conns(3)
+        .max_conn_idle_time(IDLE)
+        .build()
+        .unwrap();
+    // Three connections at once, from three threads.
+    let barrier = Barrier::new(3);
+    thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                cluster
+                    .with_primary(|c| {
+                        barrier.wait();
+                        c.query_one("SELECT 1", &[])
+                    })
+                    .unwrap()
+            });
+        }
+    });
+    let released = Instant::now();
+    assert_eq!(cluster.stats().primary().pool.total_conns, 3);
+    let backends = || -> i64 {
+        local
+            .primary()
+            .client()
+            .unwrap()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgxkit'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(backends(), 3);
+    wait_for("idle connections to close", IDLE * 3, || {
+        cluster.stats().primary().pool.total_conns == 0
+    });
+    // Not before their idle time (a delayed test thread only sees it later).
+    assert!(
+        released.elapsed() >= IDLE - Duration::from_millis(100),
+        "closed after {:?}",
+        released.elapsed()
+    );
+    assert_eq!(cluster.stats().primary().pool.closed_idle, 3);
+    wait_for("their backends to end", Duration::from_secs(5), || {
+        backends() == 0
+    });
 }

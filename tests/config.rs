@@ -236,6 +236,38 @@ fn dsn_from_env_table() {
             "postgres://app@localhost:5432/app?sslmode=prefer".into(),
         ),
         (vec![("POSTGRES_HOST", "::1"), ("POSTGRES_USER", "a")], "postgres://a@[::1]:5432/a?sslmode=prefer".into()),
+        // libpq's variables when the POSTGRES_ ones are not set...
+        (
+            vec![
+                ("PGHOST", "pg.internal"),
+                ("PGPORT", "6543"),
+                ("PGUSER", "libpq"),
+                ("PGPASSWORD", "pw"),
+                ("PGDATABASE", "db"),
+                ("PGSSLMODE", "require"),
+                ("PGSSLROOTCERT", "/ca.pem"),
+                ("PGSSLCERT", "/c.pem"),
+                ("PGSSLKEY", "/k.pem"),
+                ("PGAPPNAME", "job"),
+                ("PGCONNECT_TIMEOUT", "2.5"),
+            ],
+            "postgres://libpq:pw@pg.internal:6543/db?sslmode=require&sslrootcert=%2Fca.pem\
+             &sslcert=%2Fc.pem&sslkey=%2Fk.pem&application_name=job&connect_timeout=2.5"
+                .into(),
+        ),
+        // ...and the POSTGRES_ ones first.
+        (
+            vec![
+                ("POSTGRES_HOST", "a"),
+                ("PGHOST", "b"),
+                ("POSTGRES_USER", "u1"),
+                ("PGUSER", "u2"),
+                ("POSTGRES_PASSWORD", "p1"),
+                ("PGPASSWORD", "p2"),
+                ("PGPORT", ""),
+            ],
+            "postgres://u1:p1@a:5432/u1?sslmode=prefer".into(),
+        ),
     ];
     for (vars, expected) in cases {
         let env: HashMap<&str, &str> = vars.iter().copied().collect();
@@ -250,6 +282,12 @@ fn bad_environment_names_the_variable() {
     let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
         (vec![("POSTGRES_PORT", "54a2".into())], "POSTGRES_PORT"),
         (vec![("POSTGRES_PORT", "70000".into())], "POSTGRES_PORT"),
+        (vec![("PGPORT", "x".into())], "PGPORT"),
+        (vec![("PGSSLMODE", "sometimes".into())], "PGSSLMODE"),
+        (
+            vec![("PGCONNECT_TIMEOUT", "soon".into())],
+            "PGCONNECT_TIMEOUT",
+        ),
         (
             vec![("POSTGRES_SSLMODE", "sometimes".into())],
             "POSTGRES_SSLMODE",
@@ -356,6 +394,32 @@ fn replicas_and_pool_settings_from_the_environment() {
     let mut replica_ports: Vec<u16> = local.replicas().iter().map(|r| r.port()).collect();
     replica_ports.sort();
     assert_eq!(ports, replica_ports);
+
+    // POSTGRES_READ_USER: replicas are reached as another role, the
+    // primary as POSTGRES_USER.
+    cluster.batch_execute("CREATE ROLE reader LOGIN").unwrap();
+    local
+        .wait_for_replicas_caught_up(Duration::from_secs(10))
+        .unwrap();
+    let mut env = env;
+    env.insert("POSTGRES_READ_USER", "reader".into());
+    let cluster = ClusterBuilder::from_env_with(|k| env.get(k).cloned())
+        .unwrap()
+        .build()
+        .unwrap();
+    let user = |row: pgxkit::postgres::Row| row.get::<_, String>(0);
+    assert_eq!(
+        user(
+            cluster
+                .read_query_one("SELECT current_user::text", &[])
+                .unwrap()
+        ),
+        "reader"
+    );
+    assert_eq!(
+        user(cluster.query_one("SELECT current_user::text", &[]).unwrap()),
+        "postgres"
+    );
 }
 
 /// `Cluster::from_env()` reads the real process environment: run this test
@@ -427,4 +491,33 @@ fn a_dsn_without_a_password_finds_it_in_the_password_file() {
     let err = Cluster::builder().primary(&dsn).build().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Connect, "{err}");
     assert!(!err.is_retryable(), "{err:?}");
+}
+
+#[test]
+fn libpq_variables_reach_a_real_server() {
+    let local = LocalCluster::start(0).unwrap();
+    let port = local.primary().port().to_string();
+    let env: HashMap<&str, String> = [
+        ("PGHOST", "127.0.0.1".to_string()),
+        ("PGPORT", port),
+        ("PGUSER", "postgres".into()),
+        ("PGDATABASE", "postgres".into()),
+        ("PGSSLMODE", "disable".into()),
+        ("PGAPPNAME", "nightly-job".into()),
+        ("PGCONNECT_TIMEOUT", "2.5".into()),
+    ]
+    .into_iter()
+    .collect();
+    let cluster = ClusterBuilder::from_env_with(|k| env.get(k).cloned())
+        .unwrap()
+        .build()
+        .unwrap();
+    let row = cluster
+        .query_one(
+            "SELECT current_setting('application_name'), inet_server_port()",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "nightly-job");
+    assert_eq!(row.get::<_, i32>(1), i32::from(local.primary().port()));
 }

@@ -140,6 +140,14 @@ fn a_lagging_replica_gets_no_reads_until_it_catches_up() {
                 && h.node("replica1").unwrap().eligible_for_reads
         },
     );
+    // Until the fresh replica has replayed the 8 MB it may go over the limit
+    // again, and reads would then fall back to the primary: wait for it to
+    // be fully caught up before asserting where reads go.
+    wait_for(
+        "the fresh replica fully caught up",
+        Duration::from_secs(10),
+        || cluster.health().node("replica1").unwrap().lag_bytes == Some(0),
+    );
     for _ in 0..50 {
         assert_eq!(read_port(&cluster), fresh.port());
     }
@@ -157,12 +165,6 @@ fn a_lagging_replica_gets_no_reads_until_it_catches_up() {
         "{stale_health:?}"
     );
     assert_eq!(health.status, HealthStatus::Degraded);
-    // The fresh replica finishes replaying the 8 MB (the next probe sees it).
-    wait_for(
-        "the fresh replica fully caught up",
-        Duration::from_secs(10),
-        || cluster.health().node("replica1").unwrap().lag_bytes == Some(0),
-    );
 
     stale.resume_replay().unwrap();
     local
@@ -367,4 +369,186 @@ fn health_serialises_like_the_guide_handler() {
         "{json}"
     );
     assert_eq!(json["database"]["connected"], false);
+}
+
+#[test]
+fn the_first_health_report_is_current() {
+    let local = LocalCluster::start(2).unwrap();
+    // A period far longer than the test: whatever health() shows was
+    // probed by build() itself.
+    let cluster = builder_for(&local)
+        .health_check_period(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let report = cluster.health();
+    assert_eq!(
+        report.status,
+        HealthStatus::Healthy,
+        "{:?}",
+        report.warnings()
+    );
+    for node in &report.nodes {
+        assert!(node.up, "{node:?}");
+        assert!(node.last_check.is_some(), "not probed at build: {node:?}");
+        let replica = node.node.role() == pgxkit::Role::Replica;
+        assert_eq!(node.in_recovery, Some(replica), "{node:?}");
+        if replica {
+            assert!(node.lag_bytes.is_some() && node.lag.is_some(), "{node:?}");
+            assert!(node.eligible_for_reads, "{node:?}");
+        }
+    }
+}
+
+#[test]
+fn a_replica_with_a_wrong_password_is_reported_at_build() {
+    let local = LocalCluster::builder()
+        .replicas(1)
+        .password_auth(true)
+        .start()
+        .unwrap();
+    let password = local.password().unwrap();
+    let wrong = local.replica_dsns()[0].replacen(password, "not-the-password", 1);
+    let cluster = pgxkit::Cluster::builder()
+        .primary(local.primary_dsn())
+        .replica(wrong)
+        .health_check_period(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let report = cluster.health();
+    let replica = report.node("replica1").unwrap();
+    assert!(!replica.up && !replica.eligible_for_reads, "{replica:?}");
+    assert!(replica.last_check.is_some(), "{replica:?}");
+    let why = replica.last_error.as_deref().unwrap_or("");
+    assert!(why.contains("password authentication failed"), "{why}");
+    assert!(!why.contains(password), "{why}");
+    assert_eq!(report.status, HealthStatus::Degraded);
+    assert!(report.primary().up && report.primary().last_check.is_some());
+    // Reads go to the primary meanwhile.
+    assert_eq!(read_port(&cluster), local.primary().port());
+}
+
+#[test]
+fn a_pool_more_than_80_percent_in_use_is_a_health_warning() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = pgxkit::Cluster::builder()
+        .primary(local.primary_dsn())
+        .max_conns(5)
+        .health_check_period(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let warned = |report: &pgxkit::HealthReport| {
+        report
+            .warnings()
+            .iter()
+            .any(|w| w.contains("high connection pool utilization"))
+    };
+    // Hold `n` connections at once and look at the report meanwhile.
+    let report_with = |n: usize| {
+        let held = std::sync::Barrier::new(n + 1);
+        let done = std::sync::Barrier::new(n + 1);
+        thread::scope(|s| {
+            for _ in 0..n {
+                s.spawn(|| {
+                    cluster
+                        .with_primary(|_c| {
+                            held.wait();
+                            done.wait();
+                            Ok(())
+                        })
+                        .unwrap()
+                });
+            }
+            held.wait();
+            let report = cluster.health();
+            done.wait();
+            report
+        })
+    };
+    let four = report_with(4); // 80 %: not over
+    assert!(!warned(&four), "{:?}", four.warnings());
+    assert_eq!(four.primary().in_use_conns, 4);
+    let five = report_with(5); // 100 %
+    assert!(warned(&five), "{:?}", five.warnings());
+    assert_eq!(five.status, HealthStatus::Degraded);
+    assert!(!warned(&cluster.health()), "cleared once released");
+}
+
+#[test]
+fn the_lag_in_time_is_measured_and_limits_reads() {
+    let local = LocalCluster::start(1).unwrap();
+    let cluster = builder_for(&local)
+        .health_check_period(PERIOD)
+        .max_replica_lag(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let replica = &local.replicas()[0];
+    let lag = || cluster.health().node("replica1").unwrap().lag;
+    wait_for("a replica in sync", Duration::from_secs(10), || {
+        lag() == Some(Duration::ZERO)
+    });
+    replica.pause_replay().unwrap();
+    let paused = Instant::now();
+    cluster
+        .batch_execute("CREATE TABLE tick (at timestamptz)")
+        .unwrap();
+    cluster
+        .execute("INSERT INTO tick VALUES (now())", &[])
+        .unwrap();
+    // The lag in time grows with the wall clock while replay is paused
+    // (now() minus the last replayed commit), and past the limit the replica
+    // gets no reads.
+    wait_for(
+        "the lag past the 2 s limit",
+        Duration::from_secs(15),
+        || lag().is_some_and(|l| l > Duration::from_secs(2)),
+    );
+    let measured = lag().unwrap();
+    assert!(
+        measured <= paused.elapsed() + Duration::from_secs(1),
+        "lag {measured:?} after {:?} paused",
+        paused.elapsed()
+    );
+    let health = cluster.health();
+    let node = health.node("replica1").unwrap();
+    assert!(!node.eligible_for_reads, "{node:?}");
+    assert!(
+        node.lag_bytes.is_some_and(|b| b > 0),
+        "bytes behind too: {node:?}"
+    );
+    assert_eq!(read_port(&cluster), local.primary().port());
+    replica.resume_replay().unwrap();
+    wait_for(
+        "the replica back in rotation",
+        Duration::from_secs(15),
+        || {
+            cluster
+                .health()
+                .node("replica1")
+                .unwrap()
+                .eligible_for_reads
+        },
+    );
+    assert_eq!(lag(), Some(Duration::ZERO));
+    // Again, now that the replica has replayed a commit: the lag is dated
+    // by that commit's timestamp (the first pause had none to date it by).
+    replica.pause_replay().unwrap();
+    cluster
+        .execute("INSERT INTO tick VALUES (now())", &[])
+        .unwrap();
+    wait_for(
+        "the lag past the limit again",
+        Duration::from_secs(15),
+        || lag().is_some_and(|l| l > Duration::from_secs(2)),
+    );
+    assert!(
+        !cluster
+            .health()
+            .node("replica1")
+            .unwrap()
+            .eligible_for_reads
+    );
+    replica.resume_replay().unwrap();
+    wait_for("the replica back again", Duration::from_secs(15), || {
+        lag() == Some(Duration::ZERO)
+    });
 }

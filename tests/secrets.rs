@@ -286,6 +286,13 @@ fn no_environment_shows_its_password_or_panics() {
         "POSTGRES_MAX_CONN_LIFETIME",
         "POSTGRES_MAX_CONN_IDLE_TIME",
         "POSTGRES_HEALTH_CHECK_PERIOD",
+        "PGHOST",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGSSLMODE",
+        "PGAPPNAME",
+        "PGCONNECT_TIMEOUT",
     ];
     let replica_hosts = proptest::option::of(proptest::sample::select(vec![
         "127.0.0.1:1",
@@ -296,35 +303,35 @@ fn no_environment_shows_its_password_or_panics() {
     let env = (
         proptest::collection::vec((proptest::sample::select(VARS), hostile_value()), 0..6),
         password(),
-        any::<bool>(),
+        (any::<bool>(), any::<bool>()),
         replica_hosts,
     );
     runner()
-        .run(&env, |(vars, password, as_read_password, replicas)| {
-            let mut env: HashMap<&str, String> = vars.into_iter().collect();
-            let key = if as_read_password {
-                "POSTGRES_READ_PASSWORD"
-            } else {
-                "POSTGRES_PASSWORD"
-            };
-            env.insert(key, password);
-            if let Some(hosts) = replicas {
-                env.insert("POSTGRES_REPLICA_HOSTS", hosts.to_owned());
-            }
-            let input = format!("{env:?}");
-            let mut texts = match ClusterBuilder::from_env_with(|k| env.get(k).cloned()) {
-                Ok(builder) => {
-                    let (mut errors, shown) =
-                        built_texts(builder.connect_timeout(std::time::Duration::from_secs(2)));
-                    errors.extend(shown);
-                    errors
+        .run(
+            &env,
+            |(vars, password, (as_read_password, pg_password), replicas)| {
+                let mut env: HashMap<&str, String> = vars.into_iter().collect();
+                let key = ["POSTGRES_READ_PASSWORD", "POSTGRES_PASSWORD", "PGPASSWORD"]
+                    [usize::from(as_read_password) + usize::from(pg_password)];
+                env.insert(key, password);
+                if let Some(hosts) = replicas {
+                    env.insert("POSTGRES_REPLICA_HOSTS", hosts.to_owned());
                 }
-                Err(e) => error_texts(&e),
-            };
-            if let Ok(dsn) = pgxkit::dsn_from_env_with(|k| env.get(k).cloned()) {
-                texts.push(redact_dsn(&dsn));
-            }
-            assert_hidden(&input, &texts)
-        })
+                let input = format!("{env:?}");
+                let mut texts = match ClusterBuilder::from_env_with(|k| env.get(k).cloned()) {
+                    Ok(builder) => {
+                        let (mut errors, shown) =
+                            built_texts(builder.connect_timeout(std::time::Duration::from_secs(2)));
+                        errors.extend(shown);
+                        errors
+                    }
+                    Err(e) => error_texts(&e),
+                };
+                if let Ok(dsn) = pgxkit::dsn_from_env_with(|k| env.get(k).cloned()) {
+                    texts.push(redact_dsn(&dsn));
+                }
+                assert_hidden(&input, &texts)
+            },
+        )
         .unwrap();
 }

@@ -370,3 +370,207 @@ fn nothing_secret_reaches_any_log_line() {
         }
     }
 }
+
+/// `psql`'s binary, next to the server's (the server package depends on the
+/// client package).
+fn psql() -> std::path::PathBuf {
+    let from_pg_config = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .map(|o| std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("psql"));
+    let mut candidates: Vec<std::path::PathBuf> = from_pg_config.into_iter().collect();
+    let mut versions: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path().join("bin/psql")).collect())
+        .unwrap_or_default();
+    versions.sort();
+    candidates.extend(versions.into_iter().rev());
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("psql not found (it comes with the PostgreSQL server package)")
+}
+
+/// What libpq does with `dsn`: `Some(encrypted)` when it connects.
+fn libpq_outcome(psql: &std::path::Path, dsn: &str) -> Option<bool> {
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg(psql)
+        .args([
+            dsn,
+            "-XAtqc",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ])
+        .env("PGCONNECT_TIMEOUT", "5")
+        .env_remove("PGSSLMODE")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim() == "t")
+}
+
+/// What pgxkit does with `dsn`: `Some(encrypted)` when it connects, `None`
+/// when `build()` fails (to connect, or refusing a file as libpq does).
+fn pgxkit_outcome(dsn: &str) -> Option<bool> {
+    match Cluster::builder()
+        .primary(dsn)
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+    {
+        Ok(cluster) => Some(cluster.ssl_status().remove(0).unwrap().encrypted),
+        Err(e) => {
+            assert!(
+                matches!(e.kind(), ErrorKind::Connect | ErrorKind::Config),
+                "{dsn}: {e:?}"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn every_tls_setting_behaves_as_libpq_does() {
+    let psql = psql();
+    let tls_server = LocalCluster::builder().tls(true).start().unwrap();
+    let plain_server = LocalCluster::start(0).unwrap();
+    let cert_server = LocalCluster::builder()
+        .client_cert_auth(true)
+        .start()
+        .unwrap();
+    let files = tls_server.tls().unwrap().clone();
+    let cert_files = cert_server.tls().unwrap().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = |files: &TlsFiles, name: &str| {
+        let path = dir.path().join(name);
+        let mut pem = std::fs::read(&files.other_ca_cert).unwrap();
+        pem.extend(std::fs::read(&files.ca_cert).unwrap());
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let servers = [
+        (
+            "TLS",
+            tls_server.primary().port(),
+            files.clone(),
+            bundle(&files, "b1.pem"),
+        ),
+        (
+            "plaintext",
+            plain_server.primary().port(),
+            files.clone(),
+            bundle(&files, "b2.pem"),
+        ),
+        (
+            "hostssl cert",
+            cert_server.primary().port(),
+            cert_files.clone(),
+            bundle(&cert_files, "b3.pem"),
+        ),
+    ];
+    let modes = ["disable", "prefer", "require", "verify-ca", "verify-full"];
+    let (mut cells, mut differ) = (0, Vec::new());
+    for (server, port, files, bundle) in &servers {
+        let roots = [
+            ("right CA", Some(files.ca_cert.clone())),
+            ("unrelated CA", Some(files.other_ca_cert.clone())),
+            ("no CA", None),
+            ("bundle", Some(bundle.clone())),
+        ];
+        for host in ["localhost", "127.0.0.1"] {
+            for (root_name, root) in &roots {
+                for client_cert in [false, true] {
+                    for mode in modes {
+                        let mut dsn = format!(
+                            "host={host} port={port} user=postgres dbname=postgres sslmode={mode}"
+                        );
+                        if let Some(root) = root {
+                            dsn.push_str(&format!(" sslrootcert={}", root.display()));
+                        }
+                        if client_cert {
+                            dsn.push_str(&format!(
+                                " sslcert={} sslkey={}",
+                                files.client_cert.display(),
+                                files.client_key.display()
+                            ));
+                        }
+                        let (libpq, ours) = (libpq_outcome(&psql, &dsn), pgxkit_outcome(&dsn));
+                        cells += 1;
+                        if libpq != ours {
+                            differ.push(format!(
+                                "{server} server, {host}, {root_name}, client cert {client_cert}, \
+                                 sslmode={mode}: libpq {libpq:?}, pgxkit {ours:?}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{cells} cells compared with libpq ({})", psql.display());
+    assert!(
+        differ.is_empty(),
+        "{} of {cells} cells differ:\n{}",
+        differ.len(),
+        differ.join("\n")
+    );
+}
+
+#[test]
+fn client_keys_in_every_format_libpq_reads_and_only_private_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let psql = psql();
+    let server = LocalCluster::builder()
+        .client_cert_auth(true)
+        .start()
+        .unwrap();
+    let files = server.tls().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sec1 = dir.path().join("client-sec1.key");
+    let status = std::process::Command::new("openssl")
+        .args(["ec", "-in"])
+        .arg(&files.client_key)
+        .arg("-out")
+        .arg(&sec1)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        std::fs::read_to_string(&sec1)
+            .unwrap()
+            .contains("BEGIN EC PRIVATE KEY")
+    );
+    std::fs::set_permissions(&sec1, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let dsn = |key: &std::path::Path| {
+        format!(
+            "host=localhost port={} user=postgres dbname=postgres sslmode=verify-full \
+             sslrootcert={} sslcert={} sslkey={}",
+            server.primary().port(),
+            files.ca_cert.display(),
+            files.client_cert.display(),
+            key.display()
+        )
+    };
+    // A SEC1 EC key (BEGIN EC PRIVATE KEY): libpq reads it, so do we.
+    assert_eq!(libpq_outcome(&psql, &dsn(&sec1)), Some(true));
+    assert_eq!(pgxkit_outcome(&dsn(&sec1)), Some(true));
+    // A key others can read: libpq refuses it, so do we, naming the key.
+    std::fs::set_permissions(&sec1, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(libpq_outcome(&psql, &dsn(&sec1)), None);
+    let err = Cluster::builder().primary(dsn(&sec1)).build().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("sslkey") && shown.contains("group or world"),
+        "{shown}"
+    );
+    // Not a key at all: the error names the formats that are read.
+    let junk = dir.path().join("junk.key");
+    std::fs::write(&junk, "not a key\n").unwrap();
+    std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = Cluster::builder().primary(dsn(&junk)).build().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("PKCS#8"), "{err}");
+}

@@ -363,3 +363,68 @@ fn a_connection_lost_during_commit_is_ambiguous_and_never_retried() {
     assert!(!err.is_retryable());
     assert_eq!(attempts.load(Ordering::SeqCst), 1, "never re-run");
 }
+
+#[test]
+fn a_connection_lost_before_commit_is_retried_and_commits_once() {
+    let (local, cluster) = setup();
+    let mut admin = local.primary().client().unwrap();
+    let attempts = AtomicUsize::new(0);
+    let committed = cluster
+        .transaction_with_retry(&RetryPolicy::default(), |tx| {
+            let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
+            tx.execute("INSERT INTO t VALUES (1, 'once')", &[])?;
+            if attempt == 1 {
+                // The server ends this backend (57P01) before COMMIT is sent:
+                // nothing of the attempt can have committed.
+                let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+                let ended: bool = admin
+                    .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+                    .unwrap()
+                    .get(0);
+                assert!(ended);
+                tx.execute("SELECT 1", &[])?;
+            }
+            Ok(attempt)
+        })
+        .unwrap();
+    assert_eq!(committed, 2, "committed by the second attempt");
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(count(&cluster, "t"), 1, "the row once");
+}
+
+#[test]
+fn a_deferrable_read_only_serializable_transaction_is_one() {
+    let (_local, cluster) = setup();
+    let options = TransactionOptions::new()
+        .isolation(IsolationLevel::Serializable)
+        .read_only(true)
+        .deferrable(true);
+    let settings = cluster
+        .transaction_with(options, |tx| {
+            let show = |name: &str| -> pgxkit::Result<String> {
+                Ok(tx.query_one(&format!("SHOW {name}"), &[])?.get(0))
+            };
+            Ok((
+                show("transaction_isolation")?,
+                show("transaction_read_only")?,
+                show("transaction_deferrable")?,
+            ))
+        })
+        .unwrap();
+    assert_eq!(
+        settings,
+        ("serializable".to_owned(), "on".to_owned(), "on".to_owned())
+    );
+    // And a write in it is refused by the server.
+    let err = cluster
+        .transaction_with(
+            TransactionOptions::new().read_only(true).deferrable(true),
+            |tx| tx.execute("INSERT INTO t VALUES (9, 'no')", &[]),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{err:?}"
+    );
+}
