@@ -263,13 +263,15 @@ impl Cluster {
                 .with_detail(format!("cannot start the {what} thread"))
                 .with_source(e)
         };
-        monitor::round(&inner, &mut probes, false);
+        let mut probers =
+            monitor::Probers::start(&inner, probes).map_err(|e| thread_error("health probe", e))?;
+        probers.round(&inner, config.health_check_period, true, false);
         let settings = monitor::Settings {
             period: config.health_check_period,
             leak_threshold: config.leak_threshold,
             idle_time,
         };
-        let monitor = monitor::spawn(Arc::downgrade(&inner), settings, stop_rx.clone(), probes)
+        let monitor = monitor::spawn(Arc::downgrade(&inner), settings, stop_rx.clone(), probers)
             .map_err(|e| thread_error("health monitor", e))?;
         lock(&inner.threads).push(monitor);
         if let Some(jobs) = plan_jobs {

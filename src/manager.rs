@@ -122,6 +122,29 @@ impl Connector {
     pub(crate) fn connect(&self) -> Result<postgres::Client, postgres::Error> {
         self.tls.connect(&self.pg)
     }
+
+    /// A connection for health probes: like the pool's, but every statement
+    /// and every unacknowledged send is bounded by `timeout` (a node that
+    /// acknowledges and never answers is left to the monitor's overdue
+    /// check).
+    pub(crate) fn connect_probe(
+        &self,
+        node: &NodeInfo,
+        timeout: Duration,
+    ) -> Result<postgres::Client, Error> {
+        let mut pg = self.pg.clone();
+        let millis = timeout.as_millis();
+        pg.tcp_user_timeout(timeout)
+            .options(&format!(
+                "-c statement_timeout={millis} -c lock_timeout={millis}"
+            ))
+            .application_name("pgxkit-health");
+        self.tls.connect(&pg).map_err(|e| {
+            Error::new(ErrorKind::Connect)
+                .with_node(node)
+                .with_source(e)
+        })
+    }
 }
 
 #[derive(Debug)]

@@ -3,21 +3,28 @@
 //! for replicas the replication lag in bytes and in time.
 //!
 //! It holds only a `Weak` reference to the cluster and stops when the
-//! cluster is dropped (the stop channel disconnects) or shut down. Probes of
-//! different nodes run in parallel, each on its own connection whose
-//! statements and sends are bounded by [`PROBE_TIMEOUT`], so one dead or
-//! black-holed node delays no other.
+//! cluster is dropped (the stop channel disconnects) or shut down.
+//!
+//! Bulkheads: each node is probed by a thread of its own (a [`Prober`]), on
+//! its own connection, so a node that does not answer (a hung server, a
+//! frozen host: nothing the kernel reports) holds up only its own prober.
+//! The monitor waits for the primary's answer at most [`overdue_after`] (the
+//! replicas' lag is measured against its WAL position), never for a
+//! replica's, and marks a node whose probe has been running longer than
+//! that down ("no answer"), which takes it out of reads. Probers hold no
+//! strong reference to the cluster while they wait on the network.
 
-use std::sync::Weak;
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, never, select, tick};
-use postgres::types::ToSql;
+use crossbeam_channel::{Receiver, Sender, never, select, tick};
 
 use crate::cluster::Inner;
-use crate::error::Error;
+use crate::error::{Error, NodeInfo};
+use crate::manager::Connector;
 use crate::node::{Node, ProbeRecord};
+use crate::sync::lock;
 
 /// Bound on one probe: each statement and each unacknowledged send (a new
 /// probe connection is also bounded by the node's connect timeout).
@@ -62,25 +69,19 @@ fn upkeep_period(idle_time: Duration) -> Duration {
     (idle_time / 2).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
-/// Starts the monitor; `probes` are the probe connections `build()` made
-/// (one slot per node, primary first), kept for the rounds to come.
+/// Starts the monitor with the probers `build()` started.
 pub(crate) fn spawn(
     cluster: Weak<Inner>,
     settings: Settings,
     stop: Receiver<()>,
-    probes: Vec<Option<postgres::Client>>,
+    probes: Probers,
 ) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("pgxkit-health".to_owned())
         .spawn(move || run(&cluster, &settings, &stop, probes))
 }
 
-fn run(
-    cluster: &Weak<Inner>,
-    settings: &Settings,
-    stop: &Receiver<()>,
-    mut probes: Vec<Option<postgres::Client>>,
-) {
+fn run(cluster: &Weak<Inner>, settings: &Settings, stop: &Receiver<()>, mut probes: Probers) {
     let Settings {
         period,
         leak_threshold,
@@ -111,73 +112,264 @@ fn run(
                 node.unpark_older_than(UNPARK_AFTER);
                 node.close_idle();
             }),
-            Work::Probe => round(&inner, &mut probes, true),
+            Work::Probe => probes.round(&inner, period, false, true),
         }
     }
 }
 
-/// One round: the primary first (its WAL position is the replicas' yardstick),
-/// then every replica at once. With `connect` false, only nodes that have a
-/// probe connection are probed (`build()`'s round, right after it connected).
-pub(crate) fn round(inner: &Inner, probes: &mut Vec<Option<postgres::Client>>, connect: bool) {
-    let nodes: Vec<&Node> = inner.nodes().collect();
-    probes.resize_with(nodes.len(), || None);
-    let (primary_slot, replica_slots) = probes.split_at_mut(1);
-    let primary_lsn =
-        probe(nodes[0], &mut primary_slot[0], PRIMARY_PROBE, &[], connect).and_then(|row| {
-            let lsn: Option<String> = row.try_get(1).ok().flatten();
-            apply(nodes[0], Ok(row.try_get(0).ok()), None, None);
-            lsn
-        });
-    thread::scope(|s| {
-        for (node, slot) in nodes[1..].iter().zip(replica_slots.iter_mut()) {
-            let lsn = primary_lsn.as_deref();
-            s.spawn(move || {
-                let row = probe(node, slot, REPLICA_PROBE, &[&lsn], connect);
-                if let Some(row) = row {
-                    let bytes: Option<f64> = row.try_get(1).ok().flatten();
-                    let seconds: Option<f64> = row.try_get(2).ok().flatten();
-                    let bytes = bytes.map(|b| b.max(0.0) as u64);
-                    // Behind, but no commit replayed since the replica
-                    // started (no replay timestamp to date the lag by): the
-                    // lag is at least as long as the monitor has seen it so.
-                    let undated = seconds.is_none() && bytes.is_some_and(|b| b > 0);
-                    let undated_for = node.behind_undated(undated, Instant::now());
-                    let time = seconds
-                        .map(|s| Duration::from_secs_f64(s.max(0.0)))
-                        .or(undated_for);
-                    apply(node, Ok(row.try_get(0).ok()), bytes, time);
-                }
+/// How long a probe may run before its node is marked down: one health
+/// period, at least 1 s (a busy machine can take a few hundred ms to
+/// answer) and at most [`PROBE_TIMEOUT`]. A node that stops answering is so
+/// out of reads within its period plus this.
+pub(crate) fn overdue_after(period: Duration) -> Duration {
+    period.clamp(Duration::from_secs(1), PROBE_TIMEOUT)
+}
+
+/// What one probe asks: the primary's WAL position (for a replica's lag),
+/// and whether to open a connection when the prober has none.
+struct Job {
+    primary_lsn: Option<String>,
+    connect: bool,
+}
+
+/// What one probe found, before it is recorded on its node.
+enum Outcome {
+    Primary {
+        in_recovery: Option<bool>,
+        lsn: Option<String>,
+    },
+    Replica {
+        in_recovery: Option<bool>,
+        bytes: Option<u64>,
+        seconds: Option<f64>,
+    },
+    Failed(String),
+    /// No connection, and none to be opened.
+    Skipped,
+}
+
+/// One node's prober thread, as the monitor sees it.
+pub(crate) struct Prober {
+    jobs: Sender<Job>,
+    /// The primary's WAL position each finished probe found (replicas send
+    /// `None`); one slot, the newest kept.
+    done: Receiver<Option<String>>,
+    busy_since: Arc<Mutex<Option<Instant>>>,
+    overdue_reported: bool,
+}
+
+impl Prober {
+    fn busy_for(&self, now: Instant) -> Option<Duration> {
+        lock(&self.busy_since).map(|since| now.saturating_duration_since(since))
+    }
+
+    /// Hands the prober a job unless it is still on the last one.
+    fn dispatch(&mut self, job: Job, now: Instant) -> bool {
+        let mut busy = lock(&self.busy_since);
+        if busy.is_some() {
+            return false;
+        }
+        while self.done.try_recv().is_ok() {} // a late answer of an earlier round
+        if self.jobs.try_send(job).is_err() {
+            return false;
+        }
+        *busy = Some(now);
+        true
+    }
+}
+
+/// Every node's prober, primary first.
+pub(crate) struct Probers(Vec<Prober>);
+
+impl Probers {
+    /// Starts a prober per node; `probes` are the connections `build()`
+    /// opened (one slot per node, primary first).
+    pub(crate) fn start(
+        cluster: &Arc<Inner>,
+        probes: Vec<Option<postgres::Client>>,
+    ) -> std::io::Result<Probers> {
+        let mut probers = Vec::new();
+        for (index, (node, slot)) in cluster.nodes().zip(probes).enumerate() {
+            let (jobs, job_rx) = crossbeam_channel::bounded::<Job>(1);
+            let (done_tx, done) = crossbeam_channel::bounded(1);
+            let busy_since = Arc::new(Mutex::new(None));
+            let context = ProberContext {
+                cluster: Arc::downgrade(cluster),
+                index,
+                connector: Arc::clone(node.connector()),
+                info: node.info.clone(),
+                busy_since: Arc::clone(&busy_since),
+            };
+            thread::Builder::new()
+                .name(format!("pgxkit-probe-{}", node.info.name()))
+                .spawn(move || context.run(slot, &job_rx, &done_tx))?;
+            probers.push(Prober {
+                jobs,
+                done,
+                busy_since,
+                overdue_reported: false,
             });
         }
-    });
+        Ok(Probers(probers))
+    }
+
+    /// One round: the primary first (its WAL position is the replicas'
+    /// yardstick; waited for at most [`overdue_after`]), then every replica
+    /// whose prober is free. With `wait`, the replicas' answers are waited
+    /// for too, as long again (`build()`, so the first report is current);
+    /// with `connect` false only nodes that have a probe connection are
+    /// probed. Nodes whose probe is overdue are marked down.
+    pub(crate) fn round(&mut self, inner: &Inner, period: Duration, wait: bool, connect: bool) {
+        let bound = overdue_after(period);
+        let started = Instant::now();
+        let mut primary_lsn = None;
+        if let Some(primary) = self.0.first_mut() {
+            let job = Job {
+                primary_lsn: None,
+                connect,
+            };
+            if primary.dispatch(job, started) {
+                primary_lsn = primary.done.recv_timeout(bound).ok().flatten();
+            }
+        }
+        let mut sent = Vec::new();
+        for (i, prober) in self.0.iter_mut().enumerate().skip(1) {
+            let job = Job {
+                primary_lsn: primary_lsn.clone(),
+                connect,
+            };
+            if prober.dispatch(job, Instant::now()) {
+                sent.push(i);
+            }
+        }
+        if wait {
+            let until = Instant::now() + bound;
+            for i in sent {
+                let left = until.saturating_duration_since(Instant::now());
+                let _ = self.0[i].done.recv_timeout(left);
+            }
+        }
+        self.mark_overdue(inner, bound);
+    }
+
+    /// Marks down, once per episode, each node whose probe has run longer
+    /// than `bound`.
+    fn mark_overdue(&mut self, inner: &Inner, bound: Duration) {
+        let now = Instant::now();
+        for (node, prober) in inner.nodes().zip(&mut self.0) {
+            match prober.busy_for(now) {
+                Some(busy) if busy > bound => {
+                    if !prober.overdue_reported {
+                        prober.overdue_reported = true;
+                        let why = format!("no answer to the health probe within {bound:?}");
+                        apply(node, Err(why), None, None);
+                    }
+                }
+                Some(_) => {}
+                None => prober.overdue_reported = false,
+            }
+        }
+    }
 }
 
-/// Runs one probe statement; on failure records the node down and drops the
-/// probe connection. Without a connection and without `connect`, nothing.
-fn probe(
-    node: &Node,
-    slot: &mut Option<postgres::Client>,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-    connect: bool,
-) -> Option<postgres::Row> {
-    let result = match slot.take() {
-        Some(client) => Ok(client),
-        None if !connect => return None,
-        None => node.connect_probe(PROBE_TIMEOUT).map_err(|e| e.to_string()),
-    }
-    .and_then(|mut client| match client.query_one(sql, params) {
-        Ok(row) => {
-            *slot = Some(client);
-            Ok(row)
+/// What a prober thread owns: nothing of the cluster but a `Weak`, so one
+/// stuck on a silent node keeps no pool alive.
+struct ProberContext {
+    cluster: Weak<Inner>,
+    index: usize,
+    connector: Arc<Connector>,
+    info: NodeInfo,
+    busy_since: Arc<Mutex<Option<Instant>>>,
+}
+
+impl ProberContext {
+    fn run(
+        self,
+        mut slot: Option<postgres::Client>,
+        jobs: &Receiver<Job>,
+        done: &Sender<Option<String>>,
+    ) {
+        while let Ok(job) = jobs.recv() {
+            let outcome = self.probe(&mut slot, &job);
+            let Some(inner) = self.cluster.upgrade() else {
+                return;
+            };
+            let Some(node) = inner.nodes().nth(self.index) else {
+                return;
+            };
+            let lsn = record(node, outcome);
+            drop(inner);
+            *lock(&self.busy_since) = None;
+            let _ = done.try_send(lsn);
         }
-        Err(e) => Err(Error::from_postgres(e, &node.info).to_string()),
-    });
-    match result {
-        Ok(row) => Some(row),
-        Err(why) => {
+    }
+
+    /// The probe's I/O, on the prober's own connection (opened if needed
+    /// and allowed); a failure drops the connection.
+    fn probe(&self, slot: &mut Option<postgres::Client>, job: &Job) -> Outcome {
+        let mut client = match slot.take() {
+            Some(client) => client,
+            None if !job.connect => return Outcome::Skipped,
+            None => match self.connector.connect_probe(&self.info, PROBE_TIMEOUT) {
+                Ok(client) => client,
+                Err(e) => return Outcome::Failed(e.to_string()),
+            },
+        };
+        let lsn = job.primary_lsn.as_deref();
+        let row = if self.index == 0 {
+            client.query_one(PRIMARY_PROBE, &[])
+        } else {
+            client.query_one(REPLICA_PROBE, &[&lsn])
+        };
+        let row = match row {
+            Ok(row) => row,
+            Err(e) => return Outcome::Failed(Error::from_postgres(e, &self.info).to_string()),
+        };
+        *slot = Some(client);
+        let in_recovery = row.try_get(0).ok();
+        if self.index == 0 {
+            Outcome::Primary {
+                in_recovery,
+                lsn: row.try_get(1).ok().flatten(),
+            }
+        } else {
+            let bytes: Option<f64> = row.try_get(1).ok().flatten();
+            Outcome::Replica {
+                in_recovery,
+                bytes: bytes.map(|b| b.max(0.0) as u64),
+                seconds: row.try_get(2).ok().flatten(),
+            }
+        }
+    }
+}
+
+/// Records a probe's outcome on its node; the primary's WAL position, if
+/// that is what it found.
+fn record(node: &Node, outcome: Outcome) -> Option<String> {
+    match outcome {
+        Outcome::Skipped => None,
+        Outcome::Failed(why) => {
             apply(node, Err(why), None, None);
+            None
+        }
+        Outcome::Primary { in_recovery, lsn } => {
+            apply(node, Ok(in_recovery), None, None);
+            lsn
+        }
+        Outcome::Replica {
+            in_recovery,
+            bytes,
+            seconds,
+        } => {
+            // Behind, but no commit replayed since the replica started (no
+            // replay timestamp to date the lag by): the lag is at least as
+            // long as the monitor has seen it so.
+            let undated = seconds.is_none() && bytes.is_some_and(|b| b > 0);
+            let undated_for = node.behind_undated(undated, Instant::now());
+            let time = seconds
+                .map(|s| Duration::from_secs_f64(s.max(0.0)))
+                .or(undated_for);
+            apply(node, Ok(in_recovery), bytes, time);
             None
         }
     }

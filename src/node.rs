@@ -513,22 +513,14 @@ impl Node {
         );
     }
 
-    /// A connection for health probes: like the pool's, but every statement
-    /// and every unacknowledged send is bounded by `timeout`, so a probe of
-    /// a black-holed node cannot hang.
+    /// A connection for health probes (see [`Connector::connect_probe`]).
     pub(crate) fn connect_probe(&self, timeout: Duration) -> Result<postgres::Client> {
-        let mut pg = self.connector.pg.clone();
-        let millis = timeout.as_millis();
-        pg.tcp_user_timeout(timeout)
-            .options(&format!(
-                "-c statement_timeout={millis} -c lock_timeout={millis}"
-            ))
-            .application_name("pgxkit-health");
-        self.connector.tls.connect(&pg).map_err(|e| {
-            Error::new(ErrorKind::Connect)
-                .with_node(&self.info)
-                .with_source(e)
-        })
+        self.connector.connect_probe(&self.info, timeout)
+    }
+
+    /// How this node's connections are opened.
+    pub(crate) fn connector(&self) -> &Arc<Connector> {
+        &self.connector
     }
 
     /// A connection from the pool, waiting at most the checkout timeout.

@@ -35,6 +35,7 @@ mod node;
 mod orphans;
 mod pgbouncer;
 mod process;
+mod proxy;
 
 use std::fs;
 use std::io::Write;
@@ -47,6 +48,7 @@ pub use certs::TlsFiles;
 pub use error::Error;
 pub use node::LocalNode;
 pub use pgbouncer::PgBouncer;
+pub use proxy::{Fault, FaultProxy};
 
 use process::Runner;
 

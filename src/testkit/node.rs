@@ -85,6 +85,26 @@ impl LocalNode {
         }
     }
 
+    /// Starts a [`FaultProxy`](super::FaultProxy) in front of this node: its
+    /// [`dsn`](super::FaultProxy::dsn) reaches the node through the proxy,
+    /// whose [`Fault`](super::Fault) the test switches at run time.
+    /// Replication between nodes does not go through it.
+    ///
+    /// ```no_run
+    /// use pgxkit::testkit::{Fault, LocalCluster};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let local = LocalCluster::start(0)?;
+    /// let proxy = local.primary().fault_proxy()?;
+    /// let cluster = pgxkit::Cluster::connect(proxy.dsn())?;
+    /// proxy.set(Fault::Silent);
+    /// # Ok(()) }
+    /// ```
+    pub fn fault_proxy(&self) -> Result<super::FaultProxy, Error> {
+        let target = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, self.port));
+        super::FaultProxy::start(target, &self.dsn()).map_err(|e| e.on_node(&self.name))
+    }
+
     /// The directory of the server's Unix socket (the kit's own admin access).
     pub fn socket_dir(&self) -> &Path {
         &self.socket_dir

@@ -1,0 +1,217 @@
+//! The testkit's fault proxy against a real server: pass, latency,
+//! bandwidth, silence (nothing lost once it passes again), resets, refusals,
+//! and a drop that leaves no connection behind.
+
+mod common;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::wait_for;
+use pgxkit::postgres::{Client, NoTls};
+use pgxkit::testkit::{Fault, FaultProxy, LocalCluster};
+
+fn connect(proxy: &FaultProxy) -> Result<Client, pgxkit::postgres::Error> {
+    pgxkit::postgres::Config::new()
+        .host("127.0.0.1")
+        .port(proxy.port())
+        .user("postgres")
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(5))
+        .connect(NoTls)
+}
+
+fn one(client: &mut Client) -> Result<i32, pgxkit::postgres::Error> {
+    Ok(client.query_one("SELECT 1", &[])?.get(0))
+}
+
+/// Server backends of the test's own connections (not the kit's).
+fn backends(local: &LocalCluster) -> i64 {
+    local
+        .primary()
+        .client()
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND client_addr IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn passes_then_delays_then_limits_bandwidth() {
+    let local = LocalCluster::start(0).unwrap();
+    let proxy = local.primary().fault_proxy().unwrap();
+    let mut client = connect(&proxy).unwrap();
+    assert_eq!(one(&mut client).unwrap(), 1);
+    assert_eq!(proxy.connections(), 1);
+
+    proxy.set(Fault::Latency(Duration::from_millis(100)));
+    let started = Instant::now();
+    assert_eq!(one(&mut client).unwrap(), 1);
+    // Each way at least once.
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+
+    proxy.set(Fault::Bandwidth(50_000));
+    let started = Instant::now();
+    let text: String = client
+        .query_one("SELECT repeat('x', 100000)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(text.len(), 100_000);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.set(Fault::Pass);
+    assert_eq!(one(&mut client).unwrap(), 1);
+}
+
+#[test]
+fn silence_holds_everything_and_loses_nothing() {
+    let local = LocalCluster::start(0).unwrap();
+    let proxy = local.primary().fault_proxy().unwrap();
+    let mut client = connect(&proxy).unwrap();
+    proxy.set(Fault::Silent);
+    let (tx, rx) = mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let _ = tx.send(one(&mut client));
+    });
+    // The query was sent; nothing comes back while the proxy is silent.
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+    // A new connection is accepted, then hears nothing either.
+    let (tx2, rx2) = mpsc::channel();
+    let proxy_port = proxy.port();
+    let connecting = std::thread::spawn(move || {
+        let started = Instant::now();
+        let result = pgxkit::postgres::Config::new()
+            .host("127.0.0.1")
+            .port(proxy_port)
+            .user("postgres")
+            .dbname("postgres")
+            .connect(NoTls)
+            .map(|_| ());
+        let _ = tx2.send((result.is_ok(), started.elapsed()));
+    });
+    assert!(rx2.recv_timeout(Duration::from_millis(500)).is_err());
+    // Back to passing: what was held flows on.
+    proxy.set(Fault::Pass);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap(), 1);
+    let (connected, _) = rx2.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(connected);
+    worker.join().unwrap();
+    connecting.join().unwrap();
+}
+
+#[test]
+fn resets_and_refusals() {
+    let local = LocalCluster::start(0).unwrap();
+    let proxy = local.primary().fault_proxy().unwrap();
+    let mut client = connect(&proxy).unwrap();
+    assert_eq!(one(&mut client).unwrap(), 1);
+
+    proxy.set(Fault::Reset);
+    assert!(one(&mut client).is_err(), "an open connection is reset");
+    assert!(connect(&proxy).is_err(), "and so is a new one");
+
+    proxy.set(Fault::Pass);
+    let mut kept = connect(&proxy).unwrap();
+    proxy.set(Fault::Refuse);
+    let Err(err) = connect(&proxy) else {
+        panic!("a refusing proxy accepted a connection");
+    };
+    let refused = std::error::Error::source(&err)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+    assert!(refused, "{err:?}");
+    assert_eq!(one(&mut kept).unwrap(), 1, "open connections go on");
+
+    proxy.set(Fault::Pass);
+    let mut again = None;
+    wait_for("the proxy to listen again", Duration::from_secs(5), || {
+        again = connect(&proxy).ok();
+        again.is_some()
+    });
+    assert_eq!(one(again.as_mut().unwrap()).unwrap(), 1);
+}
+
+#[test]
+fn dropping_the_proxy_closes_every_connection() {
+    let local = LocalCluster::start(0).unwrap();
+    let proxy = local.primary().fault_proxy().unwrap();
+    let mut clients: Vec<Client> = (0..3).map(|_| connect(&proxy).unwrap()).collect();
+    assert_eq!(backends(&local), 3);
+    proxy.set(Fault::Silent);
+    drop(proxy);
+    wait_for("the server side to close", Duration::from_secs(5), || {
+        backends(&local) == 0
+    });
+    assert!(one(&mut clients[0]).is_err());
+}
+
+#[test]
+fn a_silent_replica_leaves_reads_and_stalls_no_other_probe() {
+    use pgxkit::Cluster;
+    const PERIOD: Duration = Duration::from_millis(200);
+    let local = LocalCluster::start(2).unwrap();
+    let silent = &local.replicas()[1];
+    let proxy = silent.fault_proxy().unwrap();
+    let cluster = Cluster::builder()
+        .primary(local.primary_dsn())
+        .replica(local.replica_dsns()[0].clone())
+        .replica(proxy.dsn())
+        .health_check_period(PERIOD)
+        .build()
+        .unwrap();
+    let node = |name: &str| cluster.health().node(name).unwrap().clone();
+    assert!(node("replica2").eligible_for_reads);
+
+    proxy.set(Fault::Silent);
+    let silenced = Instant::now();
+    wait_for(
+        "the silent replica out of reads",
+        Duration::from_secs(10),
+        || !node("replica2").eligible_for_reads,
+    );
+    let out_after = silenced.elapsed();
+    // A probe is overdue after one period, at least 1 s; the next tick
+    // notices.
+    assert!(
+        out_after <= PERIOD * 3 + Duration::from_secs(1),
+        "{out_after:?}"
+    );
+    let why = node("replica2").last_error.unwrap_or_default();
+    assert!(why.contains("no answer"), "{why}");
+
+    // The other nodes keep being probed on their period meanwhile.
+    for name in ["primary", "replica1"] {
+        let before = node(name).last_check.unwrap();
+        wait_for("another probe of a healthy node", PERIOD * 10, || {
+            node(name).last_check.unwrap() > before
+        });
+        assert!(node(name).up);
+    }
+    // Reads from new threads go to the healthy replica only.
+    for _ in 0..6 {
+        assert_eq!(
+            common::read_port_from_new_thread(&cluster),
+            local.replicas()[0].port()
+        );
+    }
+
+    // It comes back when it answers again.
+    proxy.set(Fault::Pass);
+    wait_for(
+        "the replica back in rotation",
+        Duration::from_secs(10),
+        || node("replica2").eligible_for_reads,
+    );
+    eprintln!("silent replica out of reads after {out_after:?} (health period {PERIOD:?})");
+}
