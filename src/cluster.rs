@@ -838,7 +838,7 @@ impl Cluster {
         // Stop the background threads: the channel disconnects for all of them.
         drop(lock(&inner.stop).take());
         let mut threads: Vec<JoinHandle<()>> = std::mem::take(&mut *lock(&inner.threads));
-        threads.extend(inner.watchdog.take_thread());
+        threads.extend(inner.watchdog.stop());
         for thread in threads {
             join_until(thread, until);
         }

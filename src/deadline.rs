@@ -7,6 +7,13 @@
 //! connection in an uncertain state (the request may land after the
 //! statement finished and hit the next one), so that connection is always
 //! discarded.
+//!
+//! The watchdog never sends a cancel request itself: sending one opens a
+//! connection to the node, which a node that accepts and never answers
+//! holds forever. Each node has a canceller thread of its own (started on
+//! its first cancel), so such a node delays no other node's deadlines; a
+//! node whose canceller is still stuck with [`CANCEL_QUEUE`] requests
+//! waiting gets no more (best effort, logged).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -21,6 +28,9 @@ use postgres::CancelToken;
 use crate::error::NodeInfo;
 use crate::sync::lock;
 use crate::tls::Tls;
+
+/// Cancel requests that may wait for one node's canceller.
+const CANCEL_QUEUE: usize = 16;
 
 const PENDING: u8 = 0;
 const DONE: u8 = 1;
@@ -51,9 +61,16 @@ impl Armed {
     }
 }
 
+/// What the watchdog thread is sent.
+enum Msg {
+    Arm(Box<Job>),
+    /// Shutdown: end now, whatever is armed.
+    Stop,
+}
+
 #[derive(Default)]
 pub(crate) struct Watchdog {
-    jobs: OnceLock<Sender<Box<Job>>>,
+    jobs: OnceLock<Sender<Msg>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -77,7 +94,7 @@ impl Watchdog {
             node: node.clone(),
             state: Arc::clone(&state),
         });
-        match self.sender().map(|s| s.send(job)) {
+        match self.sender().map(|s| s.send(Msg::Arm(job))) {
             Some(Ok(())) => Armed(Some(state)),
             // No watchdog thread (could not start, or shut down): the
             // statement runs unbounded rather than failing.
@@ -94,7 +111,7 @@ impl Watchdog {
     /// spawned, and a failure logged, outside the lock; the lock only pairs
     /// the channel with its thread. A caller that lost the race to start it
     /// lets its own thread go (its channel closes, so it ends at once).
-    fn sender(&self) -> Option<&Sender<Box<Job>>> {
+    fn sender(&self) -> Option<&Sender<Msg>> {
         if let Some(s) = self.jobs.get() {
             return Some(s);
         }
@@ -123,15 +140,20 @@ impl Watchdog {
         self.jobs.get()
     }
 
-    /// The thread, for shutdown to join; it ends once every sender is gone.
-    pub(crate) fn take_thread(&self) -> Option<JoinHandle<()>> {
+    /// Stops the thread (shutdown) and hands it over to be joined; it ends
+    /// at once. A deadline armed after this runs without its watch.
+    pub(crate) fn stop(&self) -> Option<JoinHandle<()>> {
+        if let Some(jobs) = self.jobs.get() {
+            let _ = jobs.send(Msg::Stop);
+        }
         lock(&self.thread).take()
     }
 }
 
-fn run(jobs: &Receiver<Box<Job>>) {
+fn run(jobs: &Receiver<Msg>) {
     let mut heap: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
     let mut pending: HashMap<u64, Box<Job>> = HashMap::new();
+    let mut cancellers = Cancellers::default();
     let mut seq = 0u64;
     let mut sweep_at = 1024;
     loop {
@@ -140,7 +162,7 @@ fn run(jobs: &Receiver<Box<Job>>) {
             None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         match received {
-            Ok(job) => {
+            Ok(Msg::Arm(job)) => {
                 seq += 1;
                 heap.push(Reverse((job.at, seq)));
                 pending.insert(seq, job);
@@ -155,8 +177,8 @@ fn run(jobs: &Receiver<Box<Job>>) {
                     sweep_at = (pending.len() * 2).max(1024);
                 }
             }
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
         }
         let now = Instant::now();
         while let Some(Reverse((at, id))) = heap.peek().copied() {
@@ -165,13 +187,13 @@ fn run(jobs: &Receiver<Box<Job>>) {
             }
             heap.pop();
             if let Some(job) = pending.remove(&id) {
-                fire(&job);
+                fire(job, &mut cancellers);
             }
         }
     }
 }
 
-fn fire(job: &Job) {
+fn fire(job: Box<Job>, cancellers: &mut Cancellers) {
     if job
         .state
         .compare_exchange(PENDING, FIRED, SeqCst, SeqCst)
@@ -180,10 +202,47 @@ fn fire(job: &Job) {
         return; // finished in time
     }
     log::debug!("deadline passed on {}; cancelling the statement", job.node);
-    if let Err(e) = job.tls.cancel(&job.token) {
-        log::warn!(
-            "could not cancel a statement past its deadline on {}: {e}",
-            job.node
-        );
+    cancellers.send(job);
+}
+
+/// One canceller thread per node, by node name; each ends when the
+/// watchdog does (its channel closes) or, if stuck on a node that does not
+/// answer, once that connection ends.
+#[derive(Default)]
+struct Cancellers(HashMap<String, Sender<Box<Job>>>);
+
+impl Cancellers {
+    fn send(&mut self, job: Box<Job>) {
+        let name = job.node.name().to_owned();
+        if !self.0.contains_key(&name) {
+            let (tx, rx) = crossbeam_channel::bounded::<Box<Job>>(CANCEL_QUEUE);
+            let spawned = std::thread::Builder::new()
+                .name(format!("pgxkit-cancel-{name}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        if let Err(e) = job.tls.cancel(&job.token) {
+                            log::warn!(
+                                "could not cancel a statement past its deadline on {}: {e}",
+                                job.node
+                            );
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                log::error!("cannot start a cancel thread for {}: {e}", job.node);
+                return;
+            }
+            self.0.insert(name.clone(), tx);
+        }
+        if let Some(tx) = self.0.get(&name) {
+            if let Err(e) = tx.try_send(job) {
+                let job = e.into_inner();
+                log::warn!(
+                    "not cancelling a statement past its deadline on {}: {CANCEL_QUEUE} cancel \
+                     requests to it are still waiting (the node does not answer)",
+                    job.node
+                );
+            }
+        }
     }
 }

@@ -215,3 +215,61 @@ fn a_silent_replica_leaves_reads_and_stalls_no_other_probe() {
     );
     eprintln!("silent replica out of reads after {out_after:?} (health period {PERIOD:?})");
 }
+
+#[test]
+fn a_silent_node_delays_no_other_nodes_deadline() {
+    use pgxkit::{Cluster, ErrorKind};
+    let local = LocalCluster::start(1).unwrap();
+    let proxy = local.replicas()[0].fault_proxy().unwrap();
+    let cluster = Cluster::builder()
+        .primary(local.primary_dsn())
+        .replica(proxy.dsn())
+        .health_check_period(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    // A reader whose pooled connection to the replica (through the proxy)
+    // is its own, parked for it: its next read runs on that connection.
+    let (warm_tx, warm_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let stuck = {
+        let cluster = cluster.clone();
+        std::thread::spawn(move || {
+            cluster.read_query_one("SELECT 1", &[]).unwrap();
+            warm_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            // Hangs on the silent replica; at its deadline the cancel
+            // request opens a connection to it, which hears nothing.
+            cluster
+                .with_timeout(Duration::from_millis(200))
+                .read_query_one("SELECT 1", &[])
+                .map(|_| ())
+        })
+    };
+    warm_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let before = proxy.connections();
+    proxy.set(Fault::Silent);
+    go_tx.send(()).unwrap();
+    wait_for(
+        "the cancel request to reach the silent node",
+        Duration::from_secs(5),
+        || proxy.connections() > before,
+    );
+    // Meanwhile a deadline on the primary still cancels on time.
+    let started = Instant::now();
+    let err = cluster
+        .with_timeout(Duration::from_millis(300))
+        .execute("SELECT pg_sleep(5)", &[])
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the primary's deadline took {took:?}"
+    );
+    // The silent node answers again: the stuck read returns.
+    proxy.set(Fault::Pass);
+    let _ = stuck.join().unwrap();
+    eprintln!(
+        "a 300 ms deadline on the primary returned after {took:?} while a replica was silent"
+    );
+}

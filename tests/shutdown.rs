@@ -240,3 +240,28 @@ fn dropping_the_last_clone_releases_everything() {
         || connections(&local, "pgxkit-health") == 0,
     );
 }
+
+#[test]
+fn shutdown_after_a_deadline_was_used_waits_for_nothing() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::connect(&local.primary_dsn()).unwrap();
+    // A deadline that fires (the watchdog thread starts and cancels) and
+    // one that does not.
+    let err = cluster
+        .with_timeout(Duration::from_millis(100))
+        .execute("SELECT pg_sleep(5)", &[])
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    cluster
+        .with_timeout(Duration::from_secs(5))
+        .execute("SELECT 1", &[])
+        .unwrap();
+    let started = Instant::now();
+    let report = cluster.shutdown(Duration::from_secs(5));
+    assert!(report.drained, "{report:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}
