@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use postgres::Row;
 use postgres::types::ToSql;
-use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use crate::balancer::Balancer;
 use crate::config::{ClusterBuilder, ClusterConfig, ReadFallback};
 use crate::deadline::Watchdog;
-use crate::error::{Error, ErrorKind, Result, Role};
+use crate::error::{Error, ErrorKind, NodeInfo, Result, Role};
 use crate::health::{self, HealthReport, NodeHealth};
 use crate::hooks::{self, Hooks, OperationKind, ShutdownEvent};
+use crate::manager::Connector;
 use crate::monitor;
 use crate::node::{Node, NodeOptions, Stmt};
 use crate::plans::{self, Capture};
@@ -27,9 +27,76 @@ use crate::stats::ClusterStats;
 use crate::sync::lock;
 use crate::tls::{self, SslStatus};
 
-/// Threads r2d2 uses to open connections in the background, shared by every
-/// pool of a cluster.
-const POOL_THREADS: usize = 3;
+/// A probe connection to `node` (see `Cluster::start`), checked for
+/// encryption when `require_tls`.
+fn check_connection(
+    connector: &Connector,
+    info: &NodeInfo,
+    require_tls: bool,
+) -> Result<postgres::Client> {
+    let mut client = connector.connect_probe(info, monitor::PROBE_TIMEOUT)?;
+    if require_tls && !tls::ssl_status(info, &mut client)?.encrypted {
+        return Err(Error::config(format!(
+            "require_tls: the connection to {info} is not encrypted"
+        )));
+    }
+    Ok(client)
+}
+
+/// A probe connection being opened at `build()`, on a thread of its own.
+struct ConnectionCheck {
+    info: NodeInfo,
+    result: std::io::Result<crossbeam_channel::Receiver<Result<postgres::Client>>>,
+    until: Instant,
+    bound: Duration,
+}
+
+impl ConnectionCheck {
+    fn start(node: &Node, require_tls: bool) -> ConnectionCheck {
+        let bound = node
+            .connector()
+            .pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(crate::config::defaults::CONNECT_TIMEOUT);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let connector = Arc::clone(node.connector());
+        let info = node.info.clone();
+        let result = std::thread::Builder::new()
+            .name("pgxkit-connect".to_owned())
+            .spawn(move || {
+                let _ = tx.send(check_connection(&connector, &info, require_tls));
+            })
+            .map(|_| rx);
+        ConnectionCheck {
+            info: node.info.clone(),
+            result,
+            until: Instant::now() + bound,
+            bound,
+        }
+    }
+
+    /// The connection, or why not, within the node's connect timeout.
+    fn wait(self) -> Result<postgres::Client> {
+        let rx = self.result.map_err(|e| {
+            Error::new(ErrorKind::Connect)
+                .with_node(&self.info)
+                .with_detail("cannot start the connection check")
+                .with_source(e)
+        })?;
+        let left = self.until.saturating_duration_since(Instant::now());
+        rx.recv_timeout(left).unwrap_or_else(|_| {
+            Err(Error::new(ErrorKind::Connect)
+                .with_node(&self.info)
+                .with_detail(format!(
+                    "no answer within the connect timeout ({:?}): the server accepted the \
+                     connection and did not answer",
+                    self.bound
+                )))
+        })
+    }
+}
+
 /// Bound on `health_check()`: checkout plus one round trip.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on `is_ready()`.
@@ -88,7 +155,6 @@ pub(crate) struct Inner {
     /// Dropping the sender stops the background threads.
     stop: Mutex<Option<Sender<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    _pool_threads: Arc<ScheduledThreadPool>,
 }
 
 impl Inner {
@@ -158,13 +224,6 @@ impl Cluster {
     }
 
     pub(crate) fn start(config: ClusterConfig) -> Result<Cluster> {
-        let pool_threads = Arc::new(
-            ScheduledThreadPool::builder()
-                .num_threads(POOL_THREADS)
-                .thread_name_pattern("pgxkit-pool-{}")
-                .on_drop_behavior(OnPoolDropBehavior::DiscardPendingScheduled)
-                .build(),
-        );
         let watchdog = Arc::new(Watchdog::default());
         let options = NodeOptions {
             checkout_timeout: config.checkout_timeout,
@@ -181,42 +240,28 @@ impl Cluster {
             .map(|n| n.pool.max_conn_idle_time)
             .min()
             .unwrap_or(Duration::MAX);
-        let primary = Node::open(config.primary, &options, &pool_threads);
+        let primary = Node::open(config.primary, &options);
         let replicas: Vec<Node> = config
             .replicas
             .into_iter()
-            .map(|r| Node::open(r, &options, &pool_threads))
+            .map(|r| Node::open(r, &options))
             .collect();
 
-        // A probe connection to each node, all at once, each bounded by its
-        // connect timeout and by PROBE_TIMEOUT (and, with require_tls,
-        // checked for encryption). The round below probes them, so the first
+        // A probe connection to each node, all at once, each on a thread of
+        // its own and waited for at most its connect timeout (the driver's
+        // bounds only the TCP connect, not the start-up exchange, which a
+        // node that accepts and never answers holds forever: such a check's
+        // thread is left to end with its connection), and with require_tls
+        // checked for encryption. The round below probes them, so the first
         // health() is current; the monitor keeps them for its rounds.
         let require_tls = config.require_tls;
-        let check = move |node: &Node| -> Result<postgres::Client> {
-            let mut client = node.connect_probe(monitor::PROBE_TIMEOUT)?;
-            if require_tls && !tls::ssl_status(&node.info, &mut client)?.encrypted {
-                return Err(Error::config(format!(
-                    "require_tls: the connection to {} is not encrypted",
-                    node.info
-                )));
-            }
-            Ok(client)
-        };
-        let joined = |h: std::thread::ScopedJoinHandle<'_, Result<postgres::Client>>| {
-            h.join().unwrap_or_else(|_| {
-                Err(Error::new(ErrorKind::Connect).with_detail("the connection check panicked"))
-            })
-        };
-        let (primary_check, replica_checks) = std::thread::scope(|s| {
-            let replica_checks: Vec<_> =
-                replicas.iter().map(|r| s.spawn(move || check(r))).collect();
-            let primary_check = (!config.lazy_connect).then(|| check(&primary));
-            (
-                primary_check,
-                replica_checks.into_iter().map(joined).collect::<Vec<_>>(),
-            )
-        });
+        let check = |node: &Node| ConnectionCheck::start(node, require_tls);
+        let replica_checks: Vec<_> = replicas.iter().map(check).collect();
+        let primary_check = (!config.lazy_connect).then(|| check(&primary).wait());
+        let replica_checks: Vec<Result<postgres::Client>> = replica_checks
+            .into_iter()
+            .map(ConnectionCheck::wait)
+            .collect();
         let mut probes = vec![match primary_check {
             Some(Err(e)) => return Err(e),
             Some(Ok(client)) => Some(client),
@@ -256,7 +301,6 @@ impl Cluster {
             watchdog,
             stop: Mutex::new(Some(stop_tx)),
             threads: Mutex::new(Vec::new()),
-            _pool_threads: pool_threads,
         });
         let thread_error = |what: &str, e: std::io::Error| {
             Error::new(ErrorKind::Config)

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use r2d2::PooledConnection;
-use scheduled_thread_pool::ScheduledThreadPool;
+use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use crate::affinity::{Parking, Waiting};
 use crate::breaker::{Breaker, BreakerConfig, BreakerState, Outcome, Transition};
@@ -26,6 +26,11 @@ use crate::stats::{NodeStats, PoolStats};
 use crate::stripes::Striped;
 use crate::sync::lock;
 use postgres::types::ToSql;
+
+/// Threads r2d2 uses to open this node's connections in the background.
+/// Each node has its own (a bulkhead): connects that hang on a node that
+/// accepts and never answers hold up only that node's pool.
+const POOL_THREADS: usize = 2;
 
 /// How long the round trip that validates an idle connection may take.
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -267,11 +272,7 @@ impl Drop for Permit<'_> {
 }
 
 impl Node {
-    pub(crate) fn open(
-        config: NodeConfig,
-        options: &NodeOptions,
-        threads: &Arc<ScheduledThreadPool>,
-    ) -> Node {
+    pub(crate) fn open(config: NodeConfig, options: &NodeOptions) -> Node {
         let NodeConfig {
             info,
             pg,
@@ -298,7 +299,13 @@ impl Node {
             .idle_timeout(Some(pool.max_conn_idle_time))
             .connection_timeout(options.checkout_timeout)
             .test_on_check_out(false)
-            .thread_pool(Arc::clone(threads))
+            .thread_pool(Arc::new(
+                ScheduledThreadPool::builder()
+                    .num_threads(POOL_THREADS)
+                    .thread_name_pattern(&format!("pgxkit-{}-{{}}", info.name()))
+                    .on_drop_behavior(OnPoolDropBehavior::DiscardPendingScheduled)
+                    .build(),
+            ))
             .error_handler(Box::new(ConnectErrorLog))
             .connection_customizer(Box::new(ReleaseCounter(Arc::clone(&shared))))
             .build_unchecked(manager);
@@ -511,11 +518,6 @@ impl Node {
             "on_node_health_change",
             |hook| hook(&event),
         );
-    }
-
-    /// A connection for health probes (see [`Connector::connect_probe`]).
-    pub(crate) fn connect_probe(&self, timeout: Duration) -> Result<postgres::Client> {
-        self.connector.connect_probe(&self.info, timeout)
     }
 
     /// How this node's connections are opened.

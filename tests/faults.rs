@@ -273,3 +273,90 @@ fn a_silent_node_delays_no_other_nodes_deadline() {
         "a 300 ms deadline on the primary returned after {took:?} while a replica was silent"
     );
 }
+
+#[test]
+fn build_is_bounded_by_the_connect_timeout_when_a_node_never_answers() {
+    use pgxkit::{Cluster, ErrorKind};
+    let local = LocalCluster::start(1).unwrap();
+    let primary = local.primary().fault_proxy().unwrap();
+    let replica = local.replicas()[0].fault_proxy().unwrap();
+    primary.set(Fault::Silent);
+    replica.set(Fault::Silent);
+    let started = Instant::now();
+    let err = Cluster::builder()
+        .primary(primary.dsn())
+        .replica(replica.dsn())
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.kind(), ErrorKind::Connect, "{err:?}");
+    assert!(err.to_string().contains("no answer"), "{err}");
+    assert!(took < Duration::from_millis(1500), "build took {took:?}");
+    // A silent replica alone does not fail the build; it is reported down.
+    primary.set(Fault::Pass);
+    let started = Instant::now();
+    let cluster = Cluster::builder()
+        .primary(primary.dsn())
+        .replica(replica.dsn())
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let report = cluster.health();
+    let node = report.node("replica1").unwrap();
+    assert!(!node.up && !node.eligible_for_reads, "{node:?}");
+}
+
+#[test]
+fn a_node_whose_connects_hang_blocks_no_other_nodes_pool() {
+    use pgxkit::Cluster;
+    let local = LocalCluster::start(1).unwrap();
+    let proxy = local.primary().fault_proxy().unwrap();
+    let cluster = Cluster::builder()
+        .primary(proxy.dsn())
+        .replica(local.replica_dsns()[0].clone())
+        .lazy_connect(true)
+        .max_conns(8)
+        .build()
+        .unwrap();
+    proxy.set(Fault::Silent);
+    // Eight checkouts on the primary: each makes its pool open a connection,
+    // and each connect hangs in the start-up exchange.
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let cluster = cluster.clone();
+            std::thread::spawn(move || {
+                let _ = cluster
+                    .with_timeout(Duration::from_millis(300))
+                    .execute("SELECT 1", &[]);
+            })
+        })
+        .collect();
+    wait_for(
+        "the primary's connects to hang",
+        Duration::from_secs(5),
+        || proxy.connections() >= 2,
+    );
+    // The replica's pool still opens its first connection at once.
+    let started = Instant::now();
+    let port: i32 = cluster
+        .with_timeout(Duration::from_secs(3))
+        .read_query_one("SELECT inet_server_port()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(port, i32::from(local.replicas()[0].port()));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    for w in writers {
+        w.join().unwrap();
+    }
+    proxy.set(Fault::Pass);
+}
