@@ -140,7 +140,8 @@ enum Outcome {
     },
     Replica {
         in_recovery: Option<bool>,
-        bytes: Option<u64>,
+        /// `None` when the primary's position was not known this round.
+        bytes: Option<Option<u64>>,
         seconds: Option<f64>,
     },
     Failed(String),
@@ -336,7 +337,10 @@ impl ProberContext {
             let bytes: Option<f64> = row.try_get(1).ok().flatten();
             Outcome::Replica {
                 in_recovery,
-                bytes: bytes.map(|b| b.max(0.0) as u64),
+                bytes: job
+                    .primary_lsn
+                    .is_some()
+                    .then(|| bytes.map(|b| b.max(0.0) as u64)),
                 seconds: row.try_get(2).ok().flatten(),
             }
         }
@@ -361,6 +365,10 @@ fn record(node: &Node, outcome: Outcome) -> Option<String> {
             bytes,
             seconds,
         } => {
+            // Without the primary's position (its probe failed or was late)
+            // the lag in bytes is what it was: "unknown" would make a
+            // lagging replica eligible for reads again.
+            let bytes = bytes.unwrap_or_else(|| node.lag().0);
             // Behind, but no commit replayed since the replica started (no
             // replay timestamp to date the lag by): the lag is at least as
             // long as the monitor has seen it so.

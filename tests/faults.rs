@@ -360,3 +360,53 @@ fn a_node_whose_connects_hang_blocks_no_other_nodes_pool() {
     }
     proxy.set(Fault::Pass);
 }
+
+#[test]
+fn a_lagging_replica_stays_out_while_the_primary_does_not_answer() {
+    use pgxkit::Cluster;
+    const PERIOD: Duration = Duration::from_millis(100);
+    let local = LocalCluster::start(2).unwrap();
+    let primary = local.primary().fault_proxy().unwrap();
+    let cluster = Cluster::builder()
+        .primary(primary.dsn())
+        .replica(local.replica_dsns()[0].clone())
+        .replica(local.replica_dsns()[1].clone())
+        .health_check_period(PERIOD)
+        .max_replica_lag_bytes(1_000_000)
+        .build()
+        .unwrap();
+    let node = |name: &str| cluster.health().node(name).unwrap().clone();
+    local.replicas()[1].pause_replay().unwrap();
+    cluster
+        .batch_execute(
+            "CREATE TABLE filler AS SELECT repeat('x', 800) AS pad FROM generate_series(1, 10000)",
+        )
+        .unwrap();
+    wait_for(
+        "the paused replica out of reads",
+        Duration::from_secs(10),
+        || !node("replica2").eligible_for_reads,
+    );
+    // The primary stops answering: its probes are overdue, the replicas are
+    // probed without its WAL position, and must not be taken for caught up.
+    primary.set(Fault::Silent);
+    wait_for("the primary marked down", Duration::from_secs(10), || {
+        !node("primary").up
+    });
+    for _ in 0..3 {
+        let before = node("replica2").last_check.unwrap();
+        wait_for(
+            "another probe of the paused replica",
+            Duration::from_secs(10),
+            || node("replica2").last_check.unwrap() > before,
+        );
+        let replica = node("replica2");
+        assert!(!replica.eligible_for_reads, "{replica:?}");
+        assert!(
+            replica.lag_bytes.is_some_and(|b| b > 1_000_000),
+            "{replica:?}"
+        );
+    }
+    primary.set(Fault::Pass);
+    local.replicas()[1].resume_replay().unwrap();
+}
