@@ -300,8 +300,21 @@ impl ClusterBuilder {
         self
     }
 
-    /// How often the health monitor probes each node. Defaults to the
-    /// primary DSN's `pool_health_check_period`, else 10 seconds.
+    /// How often the health monitor probes each node. A node whose probe
+    /// has not answered within one period (at least 1 s, at most 5 s) is
+    /// marked down and gets no reads until it answers. At most one year.
+    /// Defaults to the primary DSN's `pool_health_check_period`, else 10
+    /// seconds.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// let cluster = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db-primary/app")
+    ///     .replica("postgres://app@db-replica/app")
+    ///     .health_check_period(Duration::from_secs(5))
+    ///     .build()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn health_check_period(mut self, d: Duration) -> Self {
         self.pool.health_check_period = Some(d);
         self
