@@ -239,6 +239,12 @@ impl Dsn {
             if let Some(&(name, own_key)) = OWN_KEYS.iter().find(|(k, _)| *k == key) {
                 own.set(name, own_key, value);
             } else if let Some(&(driver_key, _)) = DRIVER_KEYS.iter().find(|(k, _)| *k == key) {
+                if driver_key == "host" && !plain_hosts(&value) {
+                    return Err(Error::config(
+                        "host: not a host name, IP address or socket directory \
+                         (is a quote misplaced?)",
+                    ));
+                }
                 driver.retain(|(k, _)| *k != driver_key);
                 driver.push((driver_key, value));
             } else if let Some(unsupported) = UNSUPPORTED_KEYS.iter().find(|k| **k == key) {
@@ -276,6 +282,16 @@ impl Dsn {
             format!("{host}:{port}")
         }
     }
+}
+
+/// Whether a `host` value is a list of host names, IP addresses or socket
+/// directories: nothing with whitespace, `=`, quotes or `@`, which a
+/// misplaced quote would sweep in from the pairs after it (the password
+/// among them), and which no host has.
+fn plain_hosts(value: &str) -> bool {
+    !value
+        .chars()
+        .any(|c| c.is_whitespace() || matches!(c, '=' | '\'' | '"' | '@'))
 }
 
 /// The values of pgxkit's own keys, applied after the driver's (the last
@@ -1002,6 +1018,13 @@ mod tests {
             ("app:Secr3tPW@localhost", "key=value"),
             ("postgres://app:Secr3t/PW@localhost/app", "%2F"),
             ("postgres:/app:Secr3tPW@h/db?sslmode", "postgres://"),
+            // Found by tests/secrets.rs: a quote after `host=` swept the
+            // rest, password and all, into the host (shown as the node's
+            // address).
+            (
+                "host='127.0.0.1 port=1 user=app password=//Secr3tPW/' dbname=app",
+                "host",
+            ),
         ];
         for (dsn, key) in cases {
             let err = Dsn::parse(dsn).unwrap_err();
