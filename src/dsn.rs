@@ -292,6 +292,9 @@ fn plain_hosts(value: &str) -> bool {
     !value
         .chars()
         .any(|c| c.is_whitespace() || matches!(c, '=' | '\'' | '"' | '@'))
+        && value
+            .split(',')
+            .all(|host| !host.contains('/') || host.starts_with('/'))
 }
 
 /// The values of pgxkit's own keys, applied after the driver's (the last
@@ -613,7 +616,14 @@ fn url_pairs(after_scheme: &str) -> Result<Pairs> {
                  (write `:`, `/` or `@` in a password as %3A, %2F, %40)",
             ));
         }
-        host_list.push(decode("a host", host)?);
+        let host = decode("a host", host)?;
+        if !plain_hosts(&host) {
+            return Err(Error::config(
+                "host: not a host name, IP address or socket directory \
+                 (is an `@` missing after the password?)",
+            ));
+        }
+        host_list.push(host);
         port_list.push(decode("a port", port.unwrap_or("5432"))?);
     }
     if !host_list.is_empty() {
@@ -1025,6 +1035,9 @@ mod tests {
                 "host='127.0.0.1 port=1 user=app password=//Secr3tPW/' dbname=app",
                 "host",
             ),
+            // And a URL with neither `:` nor `@` around the password (a
+            // socket directory is absolute; a host has no `/`).
+            ("postgresql://appSecr3tPW%2F127.0.0.1:1/app", "host"),
         ];
         for (dsn, key) in cases {
             let err = Dsn::parse(dsn).unwrap_err();
