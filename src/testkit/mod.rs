@@ -41,7 +41,7 @@ use std::fs;
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use certs::TlsFiles;
@@ -529,14 +529,24 @@ const LOWEST_PORT: u16 = 20_000;
 /// outgoing connection on the machine may take it as its local port, and
 /// the server then fails with "Address already in use". Falls back to
 /// `bind(0)` when the range leaves no room below it.
+///
+/// A port is handed out once per process: between the listener's drop and
+/// the server's bind the port is free, and another test's kit running in
+/// parallel would otherwise be able to pick it too.
 pub(crate) fn free_port(step: &'static str) -> Result<TcpListener, Error> {
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let ephemeral_low = ephemeral_range_start().unwrap_or(32_768);
     if ephemeral_low > LOWEST_PORT + 1_000 {
         // Random, so parallel test processes rarely try the same port; a
         // port in use (another kit's server) fails to bind and is skipped.
         for _ in 0..200 {
             let port = fastrand::u16(LOWEST_PORT..ephemeral_low);
+            let mut handed_out = crate::sync::lock(&HANDED_OUT);
+            if handed_out.contains(&port) {
+                continue;
+            }
             if let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+                handed_out.push(port);
                 return Ok(listener);
             }
         }
