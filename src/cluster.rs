@@ -17,7 +17,7 @@ use crate::deadline::Watchdog;
 use crate::error::{Error, ErrorKind, NodeInfo, Result, Role};
 use crate::health::{self, HealthReport, NodeHealth};
 use crate::hooks::{self, Hooks, OperationKind, ShutdownEvent};
-use crate::manager::Connector;
+use crate::manager::{Connected, Connector};
 use crate::monitor;
 use crate::node::{Node, NodeOptions, Stmt};
 use crate::plans::{self, Capture};
@@ -33,32 +33,40 @@ fn check_connection(
     connector: &Connector,
     info: &NodeInfo,
     require_tls: bool,
-) -> Result<postgres::Client> {
-    let mut client = connector.connect_probe(info, monitor::PROBE_TIMEOUT)?;
-    if require_tls && !tls::ssl_status(info, &mut client)?.encrypted {
+) -> Result<Connected> {
+    let mut probe = connector.connect_probe(monitor::PROBE_TIMEOUT)?;
+    if require_tls && !tls::ssl_status(info, &mut probe.client)?.encrypted {
         return Err(Error::config(format!(
             "require_tls: the connection to {info} is not encrypted"
         )));
     }
-    Ok(client)
+    Ok(probe)
 }
+
+/// How much longer than the connect's own bound `build()` waits for it.
+const CHECK_SLACK: Duration = Duration::from_millis(500);
 
 /// A probe connection being opened at `build()`, on a thread of its own.
 struct ConnectionCheck {
     info: NodeInfo,
-    result: std::io::Result<crossbeam_channel::Receiver<Result<postgres::Client>>>,
+    result: std::io::Result<crossbeam_channel::Receiver<Result<Connected>>>,
     until: Instant,
     bound: Duration,
 }
 
 impl ConnectionCheck {
     fn start(node: &Node, require_tls: bool) -> ConnectionCheck {
-        let bound = node
-            .connector()
+        // The connect bounds itself (handshake included); this is the
+        // backstop, a little later so that its own error, with its cause,
+        // is what comes back.
+        let connector = node.connector();
+        let bound = connector
             .pg
             .get_connect_timeout()
             .copied()
-            .unwrap_or(crate::config::defaults::CONNECT_TIMEOUT);
+            .unwrap_or(crate::config::defaults::CONNECT_TIMEOUT)
+            .saturating_mul(connector.tls.attempts())
+            .saturating_add(CHECK_SLACK);
         let (tx, rx) = crossbeam_channel::bounded(1);
         let connector = Arc::clone(node.connector());
         let info = node.info.clone();
@@ -77,7 +85,7 @@ impl ConnectionCheck {
     }
 
     /// The connection, or why not, within the node's connect timeout.
-    fn wait(self) -> Result<postgres::Client> {
+    fn wait(self) -> Result<Connected> {
         let rx = self.result.map_err(|e| {
             Error::new(ErrorKind::Connect)
                 .with_node(&self.info)
@@ -248,17 +256,16 @@ impl Cluster {
             .collect();
 
         // A probe connection to each node, all at once, each on a thread of
-        // its own and waited for at most its connect timeout (the driver's
-        // bounds only the TCP connect, not the start-up exchange, which a
-        // node that accepts and never answers holds forever: such a check's
-        // thread is left to end with its connection), and with require_tls
+        // its own and bounded by its connect timeout (the start-up exchange
+        // too, which a node that accepts and never answers would hold
+        // forever: see Connector::connect), and with require_tls
         // checked for encryption. The round below probes them, so the first
         // health() is current; the monitor keeps them for its rounds.
         let require_tls = config.require_tls;
         let check = |node: &Node| ConnectionCheck::start(node, require_tls);
         let replica_checks: Vec<_> = replicas.iter().map(check).collect();
         let primary_check = (!config.lazy_connect).then(|| check(&primary).wait());
-        let replica_checks: Vec<Result<postgres::Client>> = replica_checks
+        let replica_checks: Vec<Result<Connected>> = replica_checks
             .into_iter()
             .map(ConnectionCheck::wait)
             .collect();

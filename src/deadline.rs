@@ -1,6 +1,11 @@
 //! Per-call deadlines for a driver that has none: a watchdog thread cancels
 //! the running statement on the server (`CancelToken`, with the node's TLS
-//! settings) when its deadline passes.
+//! settings) when its deadline passes, and [`SHUTDOWN_GRACE`] later, if the
+//! statement is still running (the node did not answer the cancel), shuts
+//! the connection's socket down (see `socket.rs`), which ends the call at
+//! once. The same thread bounds connects: the driver's connect timeout
+//! covers the TCP connect only, so a start-up handshake the node never
+//! answers is ended by shutting its socket down at the connect timeout.
 //!
 //! The thread starts on first use and stops when the cluster is dropped or
 //! shut down. A statement whose cancel request was sent leaves its
@@ -20,28 +25,60 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use postgres::CancelToken;
 
 use crate::error::NodeInfo;
+use crate::socket::{Peer, Snapshot, Socket};
 use crate::sync::lock;
 use crate::tls::Tls;
 
 /// Cancel requests that may wait for one node's canceller.
 const CANCEL_QUEUE: usize = 16;
 
+/// How long after its deadline a statement still running has its socket
+/// shut down: time for a healthy node to answer the cancel request first
+/// (so the server stops the statement and says why).
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_millis(20);
+
 const PENDING: u8 = 0;
 const DONE: u8 = 1;
 const FIRED: u8 = 2;
 
+/// A statement's deadline.
 struct Job {
     at: Instant,
     token: CancelToken,
     tls: Tls,
     node: NodeInfo,
     state: Arc<AtomicU8>,
+    socket: Option<Arc<Socket>>,
+}
+
+/// A connect's bound: at `at` the socket it opened is shut down, which
+/// ends a start-up handshake the node never answers.
+struct ConnectJob {
+    at: Instant,
+    before: Snapshot,
+    peer: Peer,
+    node: NodeInfo,
+    state: Arc<AtomicU8>,
+}
+
+/// What the watchdog waits for.
+enum Watch {
+    Statement(Box<Job>),
+    /// A statement past its deadline by [`SHUTDOWN_GRACE`]: shut its socket
+    /// down if it is still running.
+    Shut {
+        at: Instant,
+        state: Arc<AtomicU8>,
+        socket: Arc<Socket>,
+        node: NodeInfo,
+    },
+    Connect(Box<ConnectJob>),
 }
 
 /// One armed deadline; `disarm` when the statement ends.
@@ -50,12 +87,10 @@ pub(crate) struct Armed(Option<Arc<AtomicU8>>);
 
 impl Armed {
     /// Ends the watch; `true` when the deadline already fired (a cancel
-    /// request was or is being sent).
+    /// request was or is being sent, the socket may be shut down).
     pub(crate) fn disarm(self) -> bool {
         match &self.0 {
-            Some(state) => state
-                .compare_exchange(PENDING, DONE, SeqCst, SeqCst)
-                .is_err(),
+            Some(state) => state.swap(DONE, SeqCst) != PENDING,
             None => false,
         }
     }
@@ -63,7 +98,7 @@ impl Armed {
 
 /// What the watchdog thread is sent.
 enum Msg {
-    Arm(Box<Job>),
+    Arm(Instant, Watch),
     /// Shutdown: end now, whatever is armed.
     Stop,
 }
@@ -84,8 +119,16 @@ impl std::fmt::Debug for Watchdog {
 
 impl Watchdog {
     /// Watches a statement: at `at`, unless disarmed first, its backend is
-    /// sent a cancel request.
-    pub(crate) fn arm(&self, at: Instant, token: CancelToken, tls: Tls, node: &NodeInfo) -> Armed {
+    /// sent a cancel request, and [`SHUTDOWN_GRACE`] later its socket (if
+    /// known) is shut down.
+    pub(crate) fn arm(
+        &self,
+        at: Instant,
+        token: CancelToken,
+        tls: Tls,
+        node: &NodeInfo,
+        socket: Option<&Arc<Socket>>,
+    ) -> Armed {
         let state = Arc::new(AtomicU8::new(PENDING));
         let job = Box::new(Job {
             at,
@@ -93,8 +136,12 @@ impl Watchdog {
             tls,
             node: node.clone(),
             state: Arc::clone(&state),
+            socket: socket.cloned(),
         });
-        match self.sender().map(|s| s.send(Msg::Arm(job))) {
+        match self
+            .sender()
+            .map(|s| s.send(Msg::Arm(at, Watch::Statement(job))))
+        {
             Some(Ok(())) => Armed(Some(state)),
             // No watchdog thread (could not start, or shut down): the
             // statement runs unbounded rather than failing.
@@ -104,6 +151,33 @@ impl Watchdog {
                 );
                 Armed(None)
             }
+        }
+    }
+
+    /// Bounds a connect: at `at`, unless disarmed first, the socket to
+    /// `peer` opened since `before` is shut down. Without the watchdog
+    /// thread the connect runs unbounded.
+    pub(crate) fn arm_connect(
+        &self,
+        at: Instant,
+        before: Snapshot,
+        peer: Peer,
+        node: &NodeInfo,
+    ) -> Armed {
+        let state = Arc::new(AtomicU8::new(PENDING));
+        let job = Box::new(ConnectJob {
+            at,
+            before,
+            peer,
+            node: node.clone(),
+            state: Arc::clone(&state),
+        });
+        match self
+            .sender()
+            .map(|s| s.send(Msg::Arm(at, Watch::Connect(job))))
+        {
+            Some(Ok(())) => Armed(Some(state)),
+            _ => Armed(None),
         }
     }
 
@@ -152,7 +226,7 @@ impl Watchdog {
 
 fn run(jobs: &Receiver<Msg>) {
     let mut heap: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
-    let mut pending: HashMap<u64, Box<Job>> = HashMap::new();
+    let mut pending: HashMap<u64, Watch> = HashMap::new();
     let mut cancellers = Cancellers::default();
     let mut seq = 0u64;
     let mut sweep_at = 1024;
@@ -162,17 +236,17 @@ fn run(jobs: &Receiver<Msg>) {
             None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         match received {
-            Ok(Msg::Arm(job)) => {
+            Ok(Msg::Arm(at, watch)) => {
                 seq += 1;
-                heap.push(Reverse((job.at, seq)));
-                pending.insert(seq, job);
+                heap.push(Reverse((at, seq)));
+                pending.insert(seq, watch);
                 if pending.len() >= sweep_at {
                     // Statements that ended in time need no watch: drop them
                     // now rather than at their deadlines.
-                    pending.retain(|_, job| job.state.load(SeqCst) == PENDING);
+                    pending.retain(|_, watch| watch.state().load(SeqCst) != DONE);
                     heap = pending
                         .iter()
-                        .map(|(id, job)| Reverse((job.at, *id)))
+                        .map(|(id, watch)| Reverse((watch.at(), *id)))
                         .collect();
                     sweep_at = (pending.len() * 2).max(1024);
                 }
@@ -186,23 +260,94 @@ fn run(jobs: &Receiver<Msg>) {
                 break;
             }
             heap.pop();
-            if let Some(job) = pending.remove(&id) {
-                fire(job, &mut cancellers);
+            let Some(watch) = pending.remove(&id) else {
+                continue;
+            };
+            if let Some((at, shut)) = fire(watch, &mut cancellers) {
+                seq += 1;
+                heap.push(Reverse((at, seq)));
+                pending.insert(seq, shut);
             }
         }
     }
 }
 
-fn fire(job: Box<Job>, cancellers: &mut Cancellers) {
-    if job
-        .state
-        .compare_exchange(PENDING, FIRED, SeqCst, SeqCst)
-        .is_err()
-    {
-        return; // finished in time
+impl Watch {
+    fn state(&self) -> &AtomicU8 {
+        match self {
+            Watch::Statement(job) => &job.state,
+            Watch::Shut { state, .. } => state,
+            Watch::Connect(job) => &job.state,
+        }
     }
-    log::debug!("deadline passed on {}; cancelling the statement", job.node);
-    cancellers.send(job);
+
+    fn at(&self) -> Instant {
+        match self {
+            Watch::Statement(job) => job.at,
+            Watch::Shut { at, .. } => *at,
+            Watch::Connect(job) => job.at,
+        }
+    }
+}
+
+/// Acts on a watch that is due; a statement that fired comes back as the
+/// shutdown of its socket, due [`SHUTDOWN_GRACE`] later.
+fn fire(watch: Watch, cancellers: &mut Cancellers) -> Option<(Instant, Watch)> {
+    match watch {
+        Watch::Statement(mut job) => {
+            if job
+                .state
+                .compare_exchange(PENDING, FIRED, SeqCst, SeqCst)
+                .is_err()
+            {
+                return None; // finished in time
+            }
+            log::debug!("deadline passed on {}; cancelling the statement", job.node);
+            let shut = job.socket.take().map(|socket| {
+                let at = job.at + SHUTDOWN_GRACE;
+                let shut = Watch::Shut {
+                    at,
+                    state: Arc::clone(&job.state),
+                    socket,
+                    node: job.node.clone(),
+                };
+                (at, shut)
+            });
+            cancellers.send(job);
+            shut
+        }
+        Watch::Shut {
+            state,
+            socket,
+            node,
+            ..
+        } => {
+            if state.load(SeqCst) == FIRED {
+                log::debug!(
+                    "statement on {node} still running past its deadline; closing its connection"
+                );
+                socket.shutdown();
+            }
+            None
+        }
+        Watch::Connect(job) => {
+            if job
+                .state
+                .compare_exchange(PENDING, FIRED, SeqCst, SeqCst)
+                .is_ok()
+            {
+                match job.before.find_new(&job.peer) {
+                    Some(socket) => socket.shutdown(),
+                    None => log::warn!(
+                        "connecting to {} is past its connect timeout, and its socket cannot be \
+                         told apart to end it",
+                        job.node
+                    ),
+                }
+            }
+            None
+        }
+    }
 }
 
 /// One canceller thread per node, by node name; each ends when the

@@ -23,6 +23,7 @@ mod pgpass;
 mod plans;
 mod retry;
 mod shutdown;
+mod socket;
 mod statements;
 mod stats;
 mod stripes;

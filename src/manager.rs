@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::deadline::Watchdog;
 use crate::error::{Error, ErrorKind, NodeInfo};
 use crate::hooks::{self, ConnectionEvent, DisconnectReason, Hooks};
+use crate::socket::{Peer, Snapshot, Socket, Sockets};
 use crate::statements::StatementCache;
 use crate::sync::lock;
 use crate::tls::Tls;
@@ -16,6 +18,10 @@ use crate::tls::Tls;
 /// A pooled connection: the driver's client plus what the pool needs to know.
 pub(crate) struct Conn {
     pub(crate) client: postgres::Client,
+    /// The client's socket, if it could be found: a statement past its
+    /// deadline, or a node found silent, shuts it down. Declared after
+    /// `client` so it is closed after the client's own descriptor.
+    pub(crate) socket: Option<Arc<Socket>>,
     /// This connection's prepared statements.
     pub(crate) statements: StatementCache,
     created: Instant,
@@ -99,13 +105,25 @@ impl PoolShared {
     }
 }
 
-/// What opens a connection to one node: the driver config and TLS.
+/// What opens a connection to one node: the driver config and TLS, and
+/// the sockets of the connections it opened.
 pub(crate) struct Connector {
     pub(crate) pg: postgres::Config,
     pub(crate) tls: Tls,
     /// Run on every new pooled connection before the `on_connect` hooks
     /// (`SET statement_timeout = ...`).
     pub(crate) init_sql: Option<String>,
+    pub(crate) node: NodeInfo,
+    /// Bounds each connect's start-up handshake by the connect timeout.
+    pub(crate) watchdog: Arc<Watchdog>,
+    /// The sockets of every connection opened here (pooled and probe).
+    pub(crate) sockets: Sockets,
+}
+
+/// A new connection and its socket (if it could be found).
+pub(crate) struct Connected {
+    pub(crate) client: postgres::Client,
+    pub(crate) socket: Option<Arc<Socket>>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -118,20 +136,64 @@ impl std::fmt::Debug for Connector {
 }
 
 impl Connector {
-    /// Opens one connection outside any pool (bounded by the connect timeout).
-    pub(crate) fn connect(&self) -> Result<postgres::Client, postgres::Error> {
-        self.tls.connect(&self.pg)
+    /// Opens one connection (start-up handshake included, bounded by the
+    /// connect timeout; twice that when a `prefer` connection falls back to
+    /// plaintext) and finds its socket.
+    pub(crate) fn connect(&self) -> Result<Connected, Error> {
+        self.connect_with(&self.pg)
+    }
+
+    fn connect_with(&self, pg: &postgres::Config) -> Result<Connected, Error> {
+        let timeout = pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(crate::config::defaults::CONNECT_TIMEOUT);
+        let failed = |e: postgres::Error| {
+            Error::new(ErrorKind::Connect)
+                .with_node(&self.node)
+                .with_source(e)
+        };
+        let peer = Peer::of(pg);
+        let serial = peer.lock();
+        let _one_at_a_time = lock(&serial);
+        let before = Snapshot::take();
+        let bound = timeout.saturating_mul(self.tls.attempts());
+        let started = Instant::now();
+        let watch = self.watchdog.arm_connect(
+            started.checked_add(bound).unwrap_or(started),
+            before.clone(),
+            peer.clone(),
+            &self.node,
+        );
+        let result = self.tls.connect(pg);
+        if watch.disarm() {
+            // The handshake did not end within the bound and its socket was
+            // shut down (a connection made just then is dropped too).
+            let detail = format!(
+                "the server did not finish the start-up handshake within the connect timeout \
+                 ({bound:?})"
+            );
+            let err = Error::new(ErrorKind::Connect)
+                .with_node(&self.node)
+                .with_detail(detail);
+            return Err(match result {
+                Err(e) => err.with_source(e),
+                Ok(_) => err,
+            });
+        }
+        let client = result.map_err(failed)?;
+        let socket = before.find_new(&peer).map(Arc::new);
+        if let Some(socket) = &socket {
+            self.sockets.add(socket);
+        }
+        Ok(Connected { client, socket })
     }
 
     /// A connection for health probes: like the pool's, but every statement
     /// and every unacknowledged send is bounded by `timeout` (a node that
     /// acknowledges and never answers is left to the monitor's overdue
     /// check).
-    pub(crate) fn connect_probe(
-        &self,
-        node: &NodeInfo,
-        timeout: Duration,
-    ) -> Result<postgres::Client, Error> {
+    pub(crate) fn connect_probe(&self, timeout: Duration) -> Result<Connected, Error> {
         let mut pg = self.pg.clone();
         let millis = timeout.as_millis();
         pg.tcp_user_timeout(timeout)
@@ -139,11 +201,7 @@ impl Connector {
                 "-c statement_timeout={millis} -c lock_timeout={millis}"
             ))
             .application_name("pgxkit-health");
-        self.tls.connect(&pg).map_err(|e| {
-            Error::new(ErrorKind::Connect)
-                .with_node(node)
-                .with_source(e)
-        })
+        self.connect_with(&pg)
     }
 }
 
@@ -188,16 +246,12 @@ impl Manager {
 impl Manager {
     /// Opens a connection and runs the `on_connect` hooks on it; a hook's
     /// error rejects the connection.
-    fn open(&self) -> Result<postgres::Client, Error> {
+    fn open(&self) -> Result<Connected, Error> {
         let node = &self.shared.node;
         if self.shared.closed.load(Relaxed) {
             return Err(Error::new(ErrorKind::ShuttingDown).with_node(node));
         }
-        let mut client = self.connector.connect().map_err(|e| {
-            Error::new(ErrorKind::Connect)
-                .with_node(node)
-                .with_source(e)
-        })?;
+        let Connected { mut client, socket } = self.connector.connect()?;
         if let Some(sql) = &self.connector.init_sql {
             client
                 .batch_execute(sql)
@@ -206,7 +260,7 @@ impl Manager {
         let hooks = &self.shared.hooks.on_connect;
         hooks::run(hooks, "on_connect", |hook| hook(&mut client, node))
             .map_err(|e| e.with_node(node))?;
-        Ok(client)
+        Ok(Connected { client, socket })
     }
 }
 
@@ -220,12 +274,13 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<Box<Conn>, Error> {
         match self.open() {
-            Ok(client) => {
+            Ok(Connected { client, socket }) => {
                 self.shared.counters.created.fetch_add(1, Relaxed);
                 *lock(&self.shared.last_connect_error) = None;
                 let now = Instant::now();
                 Ok(Box::new(Conn {
                     client,
+                    socket,
                     statements: StatementCache::new(self.cache_capacity),
                     created: now,
                     expires: now + self.lifetime(),

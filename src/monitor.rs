@@ -22,7 +22,7 @@ use crossbeam_channel::{Receiver, Sender, never, select, tick};
 
 use crate::cluster::Inner;
 use crate::error::{Error, NodeInfo};
-use crate::manager::Connector;
+use crate::manager::{Connected, Connector};
 use crate::node::{Node, ProbeRecord};
 use crate::sync::lock;
 
@@ -108,10 +108,13 @@ fn run(cluster: &Weak<Inner>, settings: &Settings, stop: &Receiver<()>, mut prob
             Work::Leaks => inner.nodes().for_each(Node::check_leaks),
             // Connections parked for a thread that stopped using them go
             // back to r2d2; idle ones past max_conn_idle_time close.
-            Work::Upkeep => inner.nodes().for_each(|node| {
-                node.unpark_older_than(UNPARK_AFTER);
-                node.close_idle();
-            }),
+            Work::Upkeep => {
+                inner.nodes().for_each(|node| {
+                    node.unpark_older_than(UNPARK_AFTER);
+                    node.close_idle();
+                });
+                probes.mark_overdue(&inner, period);
+            }
             Work::Probe => probes.round(&inner, period, false, true),
         }
     }
@@ -123,6 +126,16 @@ fn run(cluster: &Weak<Inner>, settings: &Settings, stop: &Receiver<()>, mut prob
 /// out of reads within its period plus this.
 pub(crate) fn overdue_after(period: Duration) -> Duration {
     period.clamp(Duration::from_secs(1), PROBE_TIMEOUT)
+}
+
+/// How long a node may go without answering (its probes overdue, or
+/// failing without a word from the server) before every open connection
+/// to it is ended, so calls blocked on it fail: twice [`overdue_after`]
+/// (10 s by default). A call without a deadline on a node that goes silent
+/// so fails within one health period plus this, plus the monitor's upkeep
+/// tick (at most 1 s).
+pub(crate) fn silence_limit(period: Duration) -> Duration {
+    overdue_after(period) * 2
 }
 
 /// What one probe asks: the primary's WAL position (for a replica's lag),
@@ -144,9 +157,38 @@ enum Outcome {
         bytes: Option<Option<u64>>,
         seconds: Option<f64>,
     },
-    Failed(String),
+    /// `answered`: the server said why (an SQLSTATE); else it was not
+    /// reached, or did not answer.
+    Failed { why: String, answered: bool },
     /// No connection, and none to be opened.
     Skipped,
+}
+
+impl Outcome {
+    fn failed(err: &Error) -> Outcome {
+        Outcome::Failed {
+            why: err.to_string(),
+            answered: err.as_postgres().and_then(|e| e.as_db_error()).is_some(),
+        }
+    }
+
+    /// Whether the node answered (a success, or a server's error).
+    fn answered(&self) -> bool {
+        match self {
+            Outcome::Failed { answered, .. } => *answered,
+            _ => true,
+        }
+    }
+}
+
+/// A prober's state, shared by its thread and the monitor.
+#[derive(Default)]
+struct ProbeState {
+    /// When the probe running now started.
+    busy_since: Option<Instant>,
+    /// Since when the node has not answered: its probes ran overdue, or
+    /// failed without an answer from the server.
+    silent_since: Option<Instant>,
 }
 
 /// One node's prober thread, as the monitor sees it.
@@ -155,26 +197,46 @@ pub(crate) struct Prober {
     /// The primary's WAL position each finished probe found (replicas send
     /// `None`); one slot, the newest kept.
     done: Receiver<Option<String>>,
-    busy_since: Arc<Mutex<Option<Instant>>>,
+    state: Arc<Mutex<ProbeState>>,
     overdue_reported: bool,
+    /// This silence's connections have been ended.
+    aborted: bool,
 }
 
 impl Prober {
-    fn busy_for(&self, now: Instant) -> Option<Duration> {
-        lock(&self.busy_since).map(|since| now.saturating_duration_since(since))
+    /// How long the running probe has run, and how long the node has been
+    /// silent (counting a probe overdue by `bound` as silence).
+    fn busy_and_silent(
+        &self,
+        now: Instant,
+        bound: Duration,
+    ) -> (Option<Duration>, Option<Duration>) {
+        let mut state = lock(&self.state);
+        let busy = state
+            .busy_since
+            .map(|since| now.saturating_duration_since(since));
+        if let (Some(b), Some(since)) = (busy, state.busy_since) {
+            if b > bound && state.silent_since.is_none() {
+                state.silent_since = Some(since);
+            }
+        }
+        let silent = state
+            .silent_since
+            .map(|since| now.saturating_duration_since(since));
+        (busy, silent)
     }
 
     /// Hands the prober a job unless it is still on the last one.
     fn dispatch(&mut self, job: Job, now: Instant) -> bool {
-        let mut busy = lock(&self.busy_since);
-        if busy.is_some() {
+        let mut state = lock(&self.state);
+        if state.busy_since.is_some() {
             return false;
         }
         while self.done.try_recv().is_ok() {} // a late answer of an earlier round
         if self.jobs.try_send(job).is_err() {
             return false;
         }
-        *busy = Some(now);
+        state.busy_since = Some(now);
         true
     }
 }
@@ -187,19 +249,19 @@ impl Probers {
     /// opened (one slot per node, primary first).
     pub(crate) fn start(
         cluster: &Arc<Inner>,
-        probes: Vec<Option<postgres::Client>>,
+        probes: Vec<Option<Connected>>,
     ) -> std::io::Result<Probers> {
         let mut probers = Vec::new();
         for (index, (node, slot)) in cluster.nodes().zip(probes).enumerate() {
             let (jobs, job_rx) = crossbeam_channel::bounded::<Job>(1);
             let (done_tx, done) = crossbeam_channel::bounded(1);
-            let busy_since = Arc::new(Mutex::new(None));
+            let state = Arc::new(Mutex::new(ProbeState::default()));
             let context = ProberContext {
                 cluster: Arc::downgrade(cluster),
                 index,
                 connector: Arc::clone(node.connector()),
                 info: node.info.clone(),
-                busy_since: Arc::clone(&busy_since),
+                state: Arc::clone(&state),
             };
             thread::Builder::new()
                 .name(format!("pgxkit-probe-{}", node.info.name()))
@@ -207,8 +269,9 @@ impl Probers {
             probers.push(Prober {
                 jobs,
                 done,
-                busy_since,
+                state,
                 overdue_reported: false,
+                aborted: false,
             });
         }
         Ok(Probers(probers))
@@ -250,15 +313,18 @@ impl Probers {
                 let _ = self.0[i].done.recv_timeout(left);
             }
         }
-        self.mark_overdue(inner, bound);
+        self.mark_overdue(inner, period);
     }
 
     /// Marks down, once per episode, each node whose probe has run longer
-    /// than `bound`.
-    fn mark_overdue(&mut self, inner: &Inner, bound: Duration) {
+    /// than `bound`; ends every connection of a node silent for
+    /// [`silence_limit`] (once per silence).
+    pub(crate) fn mark_overdue(&mut self, inner: &Inner, period: Duration) {
+        let bound = overdue_after(period);
         let now = Instant::now();
         for (node, prober) in inner.nodes().zip(&mut self.0) {
-            match prober.busy_for(now) {
+            let (busy, silent) = prober.busy_and_silent(now, bound);
+            match busy {
                 Some(busy) if busy > bound => {
                     if !prober.overdue_reported {
                         prober.overdue_reported = true;
@@ -268,6 +334,21 @@ impl Probers {
                 }
                 Some(_) => {}
                 None => prober.overdue_reported = false,
+            }
+            match silent {
+                Some(silent) if silent >= silence_limit(period) => {
+                    if !prober.aborted {
+                        prober.aborted = true;
+                        let ended = node.end_connections();
+                        log::warn!(
+                            "{} has not answered for {silent:?}; ended its {ended} open \
+                             connections, so calls waiting on it fail",
+                            node.info
+                        );
+                    }
+                }
+                Some(_) => {}
+                None => prober.aborted = false,
             }
         }
     }
@@ -280,18 +361,14 @@ struct ProberContext {
     index: usize,
     connector: Arc<Connector>,
     info: NodeInfo,
-    busy_since: Arc<Mutex<Option<Instant>>>,
+    state: Arc<Mutex<ProbeState>>,
 }
 
 impl ProberContext {
-    fn run(
-        self,
-        mut slot: Option<postgres::Client>,
-        jobs: &Receiver<Job>,
-        done: &Sender<Option<String>>,
-    ) {
+    fn run(self, mut slot: Option<Connected>, jobs: &Receiver<Job>, done: &Sender<Option<String>>) {
         while let Ok(job) = jobs.recv() {
             let outcome = self.probe(&mut slot, &job);
+            let answered = outcome.answered();
             let Some(inner) = self.cluster.upgrade() else {
                 return;
             };
@@ -300,33 +377,40 @@ impl ProberContext {
             };
             let lsn = record(node, outcome);
             drop(inner);
-            *lock(&self.busy_since) = None;
+            {
+                let mut state = lock(&self.state);
+                let started = state.busy_since.take();
+                state.silent_since = match answered {
+                    true => None,
+                    false => state.silent_since.or(started),
+                };
+            }
             let _ = done.try_send(lsn);
         }
     }
 
     /// The probe's I/O, on the prober's own connection (opened if needed
     /// and allowed); a failure drops the connection.
-    fn probe(&self, slot: &mut Option<postgres::Client>, job: &Job) -> Outcome {
-        let mut client = match slot.take() {
-            Some(client) => client,
+    fn probe(&self, slot: &mut Option<Connected>, job: &Job) -> Outcome {
+        let mut probe = match slot.take() {
+            Some(probe) => probe,
             None if !job.connect => return Outcome::Skipped,
-            None => match self.connector.connect_probe(&self.info, PROBE_TIMEOUT) {
-                Ok(client) => client,
-                Err(e) => return Outcome::Failed(e.to_string()),
+            None => match self.connector.connect_probe(PROBE_TIMEOUT) {
+                Ok(probe) => probe,
+                Err(e) => return Outcome::failed(&e),
             },
         };
         let lsn = job.primary_lsn.as_deref();
         let row = if self.index == 0 {
-            client.query_one(PRIMARY_PROBE, &[])
+            probe.client.query_one(PRIMARY_PROBE, &[])
         } else {
-            client.query_one(REPLICA_PROBE, &[&lsn])
+            probe.client.query_one(REPLICA_PROBE, &[&lsn])
         };
         let row = match row {
             Ok(row) => row,
-            Err(e) => return Outcome::Failed(Error::from_postgres(e, &self.info).to_string()),
+            Err(e) => return Outcome::failed(&Error::from_postgres(e, &self.info)),
         };
-        *slot = Some(client);
+        *slot = Some(probe);
         let in_recovery = row.try_get(0).ok();
         if self.index == 0 {
             Outcome::Primary {
@@ -352,7 +436,7 @@ impl ProberContext {
 fn record(node: &Node, outcome: Outcome) -> Option<String> {
     match outcome {
         Outcome::Skipped => None,
-        Outcome::Failed(why) => {
+        Outcome::Failed { why, .. } => {
             apply(node, Err(why), None, None);
             None
         }

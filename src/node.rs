@@ -21,6 +21,7 @@ use crate::hooks::OperationKind;
 use crate::hooks::{self, ConnectionEvent, Hooks, NodeEvent};
 use crate::manager::{Conn, ConnectErrorLog, Connector, Manager, PoolShared, ReleaseCounter};
 use crate::plans::Capture;
+use crate::socket::Sockets;
 use crate::statements::{self, Call, Output, StatementMode};
 use crate::stats::{NodeStats, PoolStats};
 use crate::stripes::Striped;
@@ -282,7 +283,14 @@ impl Node {
             ..
         } = config;
         let shared = PoolShared::new(info.clone(), Arc::clone(&options.hooks));
-        let connector = Arc::new(Connector { pg, tls, init_sql });
+        let connector = Arc::new(Connector {
+            pg,
+            tls,
+            init_sql,
+            node: info.clone(),
+            watchdog: Arc::clone(&options.watchdog),
+            sockets: Sockets::default(),
+        });
         let manager = Manager::new(
             Arc::clone(&connector),
             pool.max_conn_lifetime,
@@ -521,6 +529,12 @@ impl Node {
     }
 
     /// How this node's connections are opened.
+    /// Shuts down the socket of every open connection to this node (a
+    /// node found silent), so calls blocked on it fail at once; how many.
+    pub(crate) fn end_connections(&self) -> usize {
+        self.connector.sockets.shutdown_all()
+    }
+
     pub(crate) fn connector(&self) -> &Arc<Connector> {
         &self.connector
     }
@@ -902,8 +916,13 @@ impl Node {
     #[inline(never)]
     fn arm(&self, conn: &Lease<'_>, at: Instant) -> Armed {
         let token = conn.client.cancel_token();
-        self.watchdog
-            .arm(at, token, self.connector.tls.clone(), &self.info)
+        self.watchdog.arm(
+            at,
+            token,
+            self.connector.tls.clone(),
+            &self.info,
+            conn.socket.as_ref(),
+        )
     }
 
     /// The error of a statement the watchdog cancelled at its deadline.

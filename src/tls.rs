@@ -56,6 +56,17 @@ impl Tls {
         }
     }
 
+    /// How many connects one [`connect`](Self::connect) may make.
+    pub(crate) fn attempts(&self) -> u32 {
+        match self {
+            Tls::On {
+                plaintext_fallback: true,
+                ..
+            } => 2,
+            _ => 1,
+        }
+    }
+
     /// Sends a cancel request for the statement running under `token`.
     pub(crate) fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
         match self {

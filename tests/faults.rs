@@ -238,11 +238,14 @@ fn a_silent_node_delays_no_other_nodes_deadline() {
             warm_tx.send(()).unwrap();
             go_rx.recv().unwrap();
             // Hangs on the silent replica; at its deadline the cancel
-            // request opens a connection to it, which hears nothing.
-            cluster
+            // request opens a connection to it, which hears nothing, and
+            // the call's socket is shut down.
+            let started = Instant::now();
+            let result = cluster
                 .with_timeout(Duration::from_millis(200))
                 .read_query_one("SELECT 1", &[])
-                .map(|_| ())
+                .map(|_| ());
+            (result, started.elapsed())
         })
     };
     warm_rx.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -266,9 +269,11 @@ fn a_silent_node_delays_no_other_nodes_deadline() {
         took < Duration::from_secs(2),
         "the primary's deadline took {took:?}"
     );
-    // The silent node answers again: the stuck read returns.
+    // The read on the silent node ended at its own deadline.
+    let (result, stuck_for) = stuck.join().unwrap();
+    assert_eq!(result.unwrap_err().kind(), ErrorKind::Timeout);
+    assert!(stuck_for < Duration::from_secs(1), "{stuck_for:?}");
     proxy.set(Fault::Pass);
-    let _ = stuck.join().unwrap();
     eprintln!(
         "a 300 ms deadline on the primary returned after {took:?} while a replica was silent"
     );
@@ -291,7 +296,7 @@ fn build_is_bounded_by_the_connect_timeout_when_a_node_never_answers() {
         .unwrap_err();
     let took = started.elapsed();
     assert_eq!(err.kind(), ErrorKind::Connect, "{err:?}");
-    assert!(err.to_string().contains("no answer"), "{err}");
+    assert!(err.to_string().contains("start-up handshake"), "{err}");
     assert!(took < Duration::from_millis(1500), "build took {took:?}");
     // A silent replica alone does not fail the build; it is reported down.
     primary.set(Fault::Pass);
@@ -337,10 +342,12 @@ fn a_node_whose_connects_hang_blocks_no_other_nodes_pool() {
             })
         })
         .collect();
+    // (Connects to one address are made one at a time, so one hangs and
+    // the pool's other connect thread waits for it.)
     wait_for(
         "the primary's connects to hang",
         Duration::from_secs(5),
-        || proxy.connections() >= 2,
+        || proxy.connections() >= 1,
     );
     // The replica's pool still opens its first connection at once.
     let started = Instant::now();
