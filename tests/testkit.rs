@@ -166,6 +166,73 @@ fn stop_start_and_restart_keep_the_data() {
     assert_eq!(cluster.node(0).unwrap().port(), primary.port());
 }
 
+#[test]
+fn a_frozen_server_answers_nothing_until_thawed() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let primary = cluster.primary();
+    let mut client = primary.client().unwrap();
+    primary.freeze().unwrap();
+    assert!(primary.is_frozen() && primary.is_running());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let _ = tx.send(
+            client
+                .query_one("SELECT 1", &[])
+                .map(|r| r.get::<_, i32>(0)),
+        );
+    });
+    // Sent, acknowledged by the kernel, and not answered.
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+    primary.thaw().unwrap();
+    assert!(!primary.is_frozen());
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap(),
+        1
+    );
+    worker.join().unwrap();
+    // A frozen server still stops (it is thawed first).
+    primary.freeze().unwrap();
+    let started = Instant::now();
+    primary.stop().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!primary.is_running());
+}
+
+#[test]
+fn fault_proxies_sit_in_front_of_every_node() {
+    use pgxkit::testkit::Fault;
+    let cluster = LocalCluster::builder()
+        .replicas(1)
+        .fault_proxies(true)
+        .start()
+        .unwrap();
+    let port_of = |dsn: &str| -> i32 {
+        let mut client = pgxkit::postgres::Client::connect(dsn, pgxkit::postgres::NoTls).unwrap();
+        client
+            .query_one("SELECT inet_server_port()", &[])
+            .unwrap()
+            .get(0)
+    };
+    // Through the proxies, to the right servers.
+    assert_ne!(cluster.primary_dsn(), cluster.primary().dsn());
+    assert_eq!(
+        port_of(&cluster.primary_dsn()),
+        i32::from(cluster.primary().port())
+    );
+    let replica_dsn = cluster.replica_dsns()[0].clone();
+    assert_eq!(
+        port_of(&replica_dsn),
+        i32::from(cluster.replicas()[0].port())
+    );
+    assert!(cluster.proxy(2).is_none());
+    cluster.proxy(1).unwrap().set(Fault::Refuse);
+    assert!(pgxkit::postgres::Client::connect(&replica_dsn, pgxkit::postgres::NoTls).is_err());
+    // Without the option, no proxies.
+    let plain = LocalCluster::start(0).unwrap();
+    assert!(plain.proxy(0).is_none());
+    assert_eq!(plain.primary_dsn(), plain.primary().dsn());
+}
+
 /// What a dropped cluster must leave no trace of.
 struct Traces {
     dir: PathBuf,

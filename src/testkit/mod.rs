@@ -84,6 +84,8 @@ const BASE_SETTINGS: &[(&str, &str)] = &[
 /// ```
 #[derive(Debug)]
 pub struct LocalCluster {
+    /// With [`LocalClusterBuilder::fault_proxies`], one per node, in order.
+    proxies: Vec<FaultProxy>,
     // Nodes drop (and stop) before the directory holding their data goes.
     nodes: Vec<LocalNode>,
     dir: tempfile::TempDir,
@@ -125,14 +127,42 @@ impl LocalCluster {
         &self.nodes
     }
 
-    /// The primary's connection string.
+    /// The primary's connection string (through its fault proxy, with
+    /// [`LocalClusterBuilder::fault_proxies`]).
     pub fn primary_dsn(&self) -> String {
-        self.primary().dsn()
+        self.dsn_of(0)
     }
 
-    /// The replicas' connection strings, in order.
+    /// The replicas' connection strings, in order (through their fault
+    /// proxies, with [`LocalClusterBuilder::fault_proxies`]).
     pub fn replica_dsns(&self) -> Vec<String> {
-        self.replicas().iter().map(LocalNode::dsn).collect()
+        (1..self.nodes.len()).map(|i| self.dsn_of(i)).collect()
+    }
+
+    fn dsn_of(&self, i: usize) -> String {
+        match self.proxies.get(i) {
+            Some(proxy) => proxy.dsn().to_owned(),
+            None => self.nodes[i].dsn(),
+        }
+    }
+
+    /// Node `i`'s fault proxy (0 is the primary's), when started with
+    /// [`LocalClusterBuilder::fault_proxies`]; `None` otherwise.
+    ///
+    /// ```no_run
+    /// use pgxkit::testkit::{Fault, LocalCluster};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let local = LocalCluster::builder().replicas(1).fault_proxies(true).start()?;
+    /// let cluster = pgxkit::Cluster::builder()
+    ///     .primary(local.primary_dsn())
+    ///     .replica(local.replica_dsns()[0].clone())
+    ///     .build()?;
+    /// local.proxy(1).unwrap().set(Fault::Silent); // the replica hangs
+    /// # Ok(()) }
+    /// ```
+    pub fn proxy(&self, i: usize) -> Option<&FaultProxy> {
+        self.proxies.get(i)
     }
 
     /// The certificate files, when started with [`LocalClusterBuilder::tls`].
@@ -220,6 +250,7 @@ pub struct LocalClusterBuilder {
     tls: bool,
     password_auth: bool,
     client_cert_auth: bool,
+    fault_proxies: bool,
 }
 
 impl Default for LocalClusterBuilder {
@@ -234,11 +265,31 @@ impl Default for LocalClusterBuilder {
             tls: false,
             password_auth: false,
             client_cert_auth: false,
+            fault_proxies: false,
         }
     }
 }
 
 impl LocalClusterBuilder {
+    /// Puts a [`FaultProxy`] in front of every node: [`LocalCluster::primary_dsn`]
+    /// and [`LocalCluster::replica_dsns`] then go through them, and
+    /// [`LocalCluster::proxy`] switches each. Replication and
+    /// [`LocalNode::client`] do not go through them. Defaults to off.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), pgxkit::testkit::Error> {
+    /// let local = pgxkit::testkit::LocalCluster::builder()
+    ///     .replicas(2)
+    ///     .fault_proxies(true)
+    ///     .start()?;
+    /// assert!(local.proxy(2).is_some());
+    /// # Ok(()) }
+    /// ```
+    pub fn fault_proxies(mut self, yes: bool) -> Self {
+        self.fault_proxies = yes;
+        self
+    }
+
     /// How many streaming replicas to start beside the primary. Defaults to 0.
     pub fn replicas(mut self, n: usize) -> Self {
         self.replicas = n;
@@ -360,6 +411,7 @@ impl LocalClusterBuilder {
                 .collect::<String>()
         });
         let mut cluster = LocalCluster {
+            proxies: Vec::new(),
             nodes: Vec::with_capacity(ports.len()),
             dir,
             timeout: self.timeout,
@@ -444,6 +496,13 @@ impl LocalClusterBuilder {
         }
         for replica in cluster.replicas() {
             replica.wait_streaming()?;
+        }
+        if self.fault_proxies {
+            cluster.proxies = cluster
+                .nodes
+                .iter()
+                .map(LocalNode::fault_proxy)
+                .collect::<Result<_, _>>()?;
         }
         Ok(cluster)
     }

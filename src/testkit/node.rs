@@ -1,5 +1,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -38,6 +39,8 @@ pub struct LocalNode {
     runner: Arc<Runner>,
     timeout: Duration,
     postmaster: Mutex<Option<Child>>,
+    /// Set by [`freeze`](LocalNode::freeze) until [`thaw`](LocalNode::thaw).
+    frozen: AtomicBool,
 }
 
 impl LocalNode {
@@ -62,6 +65,7 @@ impl LocalNode {
             runner,
             timeout,
             postmaster: Mutex::new(None),
+            frozen: AtomicBool::new(false),
         }
     }
 
@@ -211,11 +215,67 @@ impl LocalNode {
         self.start()
     }
 
+    /// Freezes the server as a stopped VM or a hung host looks to its
+    /// clients: SIGSTOP to the postmaster, then to every one of its
+    /// processes. Connections stay open and the kernel still acknowledges
+    /// what clients send, but nothing answers, and a cancel request is not
+    /// answered either. [`thaw`](Self::thaw) resumes every process; stopping,
+    /// killing or dropping the node thaws it first.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(0).unwrap();
+    /// local.primary().freeze().unwrap();
+    /// local.primary().thaw().unwrap();
+    /// ```
+    pub fn freeze(&self) -> Result<(), Error> {
+        let Some(pid) = self.pid() else {
+            return Err(self.error("freeze", "the server is not running"));
+        };
+        self.frozen.store(true, SeqCst);
+        // The postmaster first, so it forks no process after the list.
+        process::send_signal(pid, Signal::SIGSTOP);
+        for child in process::children_of(pid) {
+            process::send_signal(child, Signal::SIGSTOP);
+        }
+        Ok(())
+    }
+
+    /// Resumes a server [`freeze`](Self::freeze) stopped (SIGCONT to each of
+    /// its processes); a no-op when it is not frozen.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(0).unwrap();
+    /// local.primary().thaw().unwrap();
+    /// ```
+    pub fn thaw(&self) -> Result<(), Error> {
+        if !self.frozen.swap(false, SeqCst) {
+            return Ok(());
+        }
+        if let Some(pid) = self.pid() {
+            for child in process::children_of(pid) {
+                process::send_signal(child, Signal::SIGCONT);
+            }
+            process::send_signal(pid, Signal::SIGCONT);
+        }
+        Ok(())
+    }
+
+    /// Whether the server is frozen ([`freeze`](Self::freeze)).
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(0).unwrap();
+    /// assert!(!local.primary().is_frozen());
+    /// ```
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(SeqCst)
+    }
+
     /// Kills the server as a crash would: SIGKILL to the postmaster and to
     /// every one of its processes, then waits until all are gone. Unlike
     /// [`stop`](Self::stop) nothing is written; [`start`](Self::start)
     /// then runs crash recovery.
     pub fn kill(&self) -> Result<(), Error> {
+        self.thaw()?;
         let mut guard = self.lock();
         let Some(mut child) = guard.take() else {
             return Ok(());
@@ -237,6 +297,7 @@ impl LocalNode {
 
     /// Stops with `signal`; escalates to SIGKILL if the deadline passes.
     pub(crate) fn shut_down(&self, signal: Signal, step: &'static str) -> Result<(), Error> {
+        self.thaw()?;
         let Some(mut child) = self.lock().take() else {
             return Ok(());
         };
