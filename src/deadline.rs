@@ -15,8 +15,9 @@
 //!
 //! The watchdog never sends a cancel request itself: sending one opens a
 //! connection to the node, which a node that accepts and never answers
-//! holds forever. Each node has a canceller thread of its own (started on
-//! its first cancel), so such a node delays no other node's deadlines; a
+//! holds until the connect timeout. Each node has a canceller thread of its
+//! own (started on its first cancel), so such a node delays no other node's
+//! deadlines; a
 //! node whose canceller is still stuck with [`CANCEL_QUEUE`] requests
 //! waiting gets no more (best effort, logged).
 
@@ -31,9 +32,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use postgres::CancelToken;
 
 use crate::error::NodeInfo;
+use crate::manager::Connector;
 use crate::socket::{Peer, Snapshot, Socket};
 use crate::sync::lock;
-use crate::tls::Tls;
 
 /// Cancel requests that may wait for one node's canceller.
 const CANCEL_QUEUE: usize = 16;
@@ -51,8 +52,9 @@ const FIRED: u8 = 2;
 struct Job {
     at: Instant,
     token: CancelToken,
-    tls: Tls,
-    node: NodeInfo,
+    /// Sends the cancel request (with the node's TLS settings, bounded by
+    /// its connect timeout).
+    connector: Arc<Connector>,
     state: Arc<AtomicU8>,
     socket: Option<Arc<Socket>>,
 }
@@ -125,16 +127,14 @@ impl Watchdog {
         &self,
         at: Instant,
         token: CancelToken,
-        tls: Tls,
-        node: &NodeInfo,
+        connector: &Arc<Connector>,
         socket: Option<&Arc<Socket>>,
     ) -> Armed {
         let state = Arc::new(AtomicU8::new(PENDING));
         let job = Box::new(Job {
             at,
             token,
-            tls,
-            node: node.clone(),
+            connector: Arc::clone(connector),
             state: Arc::clone(&state),
             socket: socket.cloned(),
         });
@@ -147,7 +147,8 @@ impl Watchdog {
             // statement runs unbounded rather than failing.
             _ => {
                 log::warn!(
-                    "deadline watchdog unavailable; a statement on {node} runs without its deadline"
+                    "deadline watchdog unavailable; a statement on {} runs without its deadline",
+                    connector.node
                 );
                 Armed(None)
             }
@@ -302,14 +303,17 @@ fn fire(watch: Watch, cancellers: &mut Cancellers) -> Option<(Instant, Watch)> {
             {
                 return None; // finished in time
             }
-            log::debug!("deadline passed on {}; cancelling the statement", job.node);
+            log::debug!(
+                "deadline passed on {}; cancelling the statement",
+                job.connector.node
+            );
             let shut = job.socket.take().map(|socket| {
                 let at = job.at + SHUTDOWN_GRACE;
                 let shut = Watch::Shut {
                     at,
                     state: Arc::clone(&job.state),
                     socket,
-                    node: job.node.clone(),
+                    node: job.connector.node.clone(),
                 };
                 (at, shut)
             });
@@ -351,30 +355,31 @@ fn fire(watch: Watch, cancellers: &mut Cancellers) -> Option<(Instant, Watch)> {
 }
 
 /// One canceller thread per node, by node name; each ends when the
-/// watchdog does (its channel closes) or, if stuck on a node that does not
-/// answer, once that connection ends.
+/// watchdog does (its channel closes). A cancel request's connection is
+/// bounded like any connect (see `Connector::cancel`), so a node that does
+/// not answer holds its canceller at most its connect timeout per request.
 #[derive(Default)]
 struct Cancellers(HashMap<String, Sender<Box<Job>>>);
 
 impl Cancellers {
     fn send(&mut self, job: Box<Job>) {
-        let name = job.node.name().to_owned();
+        let name = job.connector.node.name().to_owned();
         if !self.0.contains_key(&name) {
             let (tx, rx) = crossbeam_channel::bounded::<Box<Job>>(CANCEL_QUEUE);
             let spawned = std::thread::Builder::new()
                 .name(format!("pgxkit-cancel-{name}"))
                 .spawn(move || {
                     while let Ok(job) = rx.recv() {
-                        if let Err(e) = job.tls.cancel(&job.token) {
-                            log::warn!(
-                                "could not cancel a statement past its deadline on {}: {e}",
-                                job.node
-                            );
+                        if let Err(e) = job.connector.cancel(&job.token) {
+                            log::warn!("could not cancel a statement past its deadline: {e}");
                         }
                     }
                 });
             if let Err(e) = spawned {
-                log::error!("cannot start a cancel thread for {}: {e}", job.node);
+                log::error!(
+                    "cannot start a cancel thread for {}: {e}",
+                    job.connector.node
+                );
                 return;
             }
             self.0.insert(name.clone(), tx);
@@ -385,7 +390,7 @@ impl Cancellers {
                 log::warn!(
                     "not cancelling a statement past its deadline on {}: {CANCEL_QUEUE} cancel \
                      requests to it are still waiting (the node does not answer)",
-                    job.node
+                    job.connector.node
                 );
             }
         }

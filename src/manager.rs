@@ -37,6 +37,21 @@ pub(crate) struct Conn {
     pub(crate) keep_idle_clock: bool,
 }
 
+impl Drop for Conn {
+    /// A broken connection may still wait for an answer (a statement past
+    /// its deadline, a validation that timed out), and the driver's client
+    /// waits for every answer before it closes, so dropping it on a node
+    /// that does not answer would block this thread: its socket is shut
+    /// down first. A healthy one says goodbye (`Terminate`) as usual.
+    fn drop(&mut self) {
+        if self.broken {
+            if let Some(socket) = &self.socket {
+                socket.shutdown();
+            }
+        }
+    }
+}
+
 impl Conn {
     pub(crate) fn expired(&self, now: Instant) -> bool {
         now >= self.expires
@@ -120,10 +135,28 @@ pub(crate) struct Connector {
     pub(crate) sockets: Sockets,
 }
 
+/// What a bounded connect made, and its socket if it was looked for and
+/// found.
+struct Bounded<T> {
+    value: T,
+    socket: Option<Socket>,
+}
+
 /// A new connection and its socket (if it could be found).
 pub(crate) struct Connected {
     pub(crate) client: postgres::Client,
     pub(crate) socket: Option<Arc<Socket>>,
+}
+
+impl Connected {
+    /// Drops a connection that failed, its socket shut down first so the
+    /// drop cannot wait for an answer that may never come (see `Conn`'s
+    /// `Drop`).
+    pub(crate) fn discard(self) {
+        if let Some(socket) = &self.socket {
+            socket.shutdown();
+        }
+    }
 }
 
 impl std::fmt::Debug for Connector {
@@ -144,20 +177,55 @@ impl Connector {
     }
 
     fn connect_with(&self, pg: &postgres::Config) -> Result<Connected, Error> {
+        let bounded = self.bounded(pg, true, || self.tls.connect(pg))?;
+        let socket = bounded.socket.map(Arc::new);
+        if let Some(socket) = &socket {
+            self.sockets.add(socket);
+        }
+        Ok(Connected {
+            client: bounded.value,
+            socket,
+        })
+    }
+
+    /// Sends a cancel request for the statement running under `token`,
+    /// bounded like a connect.
+    pub(crate) fn cancel(&self, token: &postgres::CancelToken) -> Result<(), Error> {
+        self.bounded(&self.pg, false, || self.tls.cancel(token))
+            .map(|_| ())
+    }
+
+    /// Runs `connect` (what opens one connection to `pg`'s address) through
+    /// the address's gate, with its socket shut down if it has not ended
+    /// within the connect timeout (twice that for a `prefer` connection that
+    /// may fall back to plaintext); with `find`, finds the new socket.
+    fn bounded<T>(
+        &self,
+        pg: &postgres::Config,
+        find: bool,
+        connect: impl FnOnce() -> Result<T, postgres::Error>,
+    ) -> Result<Bounded<T>, Error> {
         let timeout = pg
             .get_connect_timeout()
             .copied()
             .unwrap_or(crate::config::defaults::CONNECT_TIMEOUT);
-        let failed = |e: postgres::Error| {
-            Error::new(ErrorKind::Connect)
-                .with_node(&self.node)
-                .with_source(e)
-        };
-        let peer = Peer::of(pg);
-        let serial = peer.lock();
-        let _one_at_a_time = lock(&serial);
-        let before = Snapshot::take();
         let bound = timeout.saturating_mul(self.tls.attempts());
+        let peer = Peer::of(pg);
+        let gate = peer.gate();
+        // The connect before is bounded the same way; a little longer, for
+        // its shutdown to take effect. One that has not ended by then is
+        // stuck (its socket could not be told apart to end it): rather than
+        // open a connection nothing can end, fail.
+        let wait = bound.saturating_add(Duration::from_secs(1));
+        let Some(entered) = gate.enter(wait) else {
+            return Err(Error::new(ErrorKind::Connect)
+                .with_node(&self.node)
+                .with_detail(format!(
+                    "another connect to this node has not ended within {wait:?} (the node does \
+                     not answer)"
+                )));
+        };
+        let before = Snapshot::take();
         let started = Instant::now();
         let watch = self.watchdog.arm_connect(
             started.checked_add(bound).unwrap_or(started),
@@ -165,10 +233,10 @@ impl Connector {
             peer.clone(),
             &self.node,
         );
-        let result = self.tls.connect(pg);
+        let result = connect();
         if watch.disarm() {
-            // The handshake did not end within the bound and its socket was
-            // shut down (a connection made just then is dropped too).
+            // It did not end within the bound and its socket was shut down
+            // (a connection made just then is dropped too).
             let detail = format!(
                 "the server did not finish the start-up handshake within the connect timeout \
                  ({bound:?})"
@@ -181,12 +249,14 @@ impl Connector {
                 Ok(_) => err,
             });
         }
-        let client = result.map_err(failed)?;
-        let socket = before.find_new(&peer).map(Arc::new);
-        if let Some(socket) = &socket {
-            self.sockets.add(socket);
-        }
-        Ok(Connected { client, socket })
+        let value = result.map_err(|e| {
+            Error::new(ErrorKind::Connect)
+                .with_node(&self.node)
+                .with_source(e)
+        })?;
+        let socket = if find { before.find_new(&peer) } else { None };
+        drop(entered);
+        Ok(Bounded { value, socket })
     }
 
     /// A connection for health probes: like the pool's, but every statement

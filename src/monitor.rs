@@ -408,7 +408,10 @@ impl ProberContext {
         };
         let row = match row {
             Ok(row) => row,
-            Err(e) => return Outcome::failed(&Error::from_postgres(e, &self.info)),
+            Err(e) => {
+                probe.discard();
+                return Outcome::failed(&Error::from_postgres(e, &self.info));
+            }
         };
         *slot = Some(probe);
         let in_recovery = row.try_get(0).ok();

@@ -33,7 +33,8 @@ use postgres::types::ToSql;
 /// accepts and never answers hold up only that node's pool.
 const POOL_THREADS: usize = 2;
 
-/// How long the round trip that validates an idle connection may take.
+/// How long the round trip that validates an idle connection may take (at
+/// most what is left of the checkout's timeout or the call's deadline).
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often a waiting checkout looks for a failed connect attempt, so a
@@ -654,7 +655,10 @@ impl Node {
             }
             if conn.idle_for(now) >= self.validate_after_idle {
                 self.shared.counters.validations.fetch_add(1, Relaxed);
-                let valid = conn.client.is_valid(VALIDATE_TIMEOUT).is_ok();
+                // Within the checkout's own bound (a call's deadline).
+                let left = deadline.saturating_duration_since(now);
+                let valid =
+                    !left.is_zero() && conn.client.is_valid(VALIDATE_TIMEOUT.min(left)).is_ok();
                 now = Instant::now();
                 if !valid {
                     conn.broken = true;
@@ -916,13 +920,8 @@ impl Node {
     #[inline(never)]
     fn arm(&self, conn: &Lease<'_>, at: Instant) -> Armed {
         let token = conn.client.cancel_token();
-        self.watchdog.arm(
-            at,
-            token,
-            self.connector.tls.clone(),
-            &self.info,
-            conn.socket.as_ref(),
-        )
+        self.watchdog
+            .arm(at, token, &self.connector, conn.socket.as_ref())
     }
 
     /// The error of a statement the watchdog cancelled at its deadline.

@@ -12,7 +12,7 @@
 //!
 //! The new socket is told apart by taking the socket inodes open before the
 //! connect and after it, and keeping those connected to the node's address.
-//! Connects to one address are serialised process-wide ([`Peer::lock`]), so
+//! Connects to one address are serialised process-wide ([`Peer::gate`]), so
 //! two of ours never overlap; a socket other code opens to the same address
 //! at the same moment makes the answer ambiguous, and that connection goes
 //! without (its deadlines still send cancel requests). Elsewhere than on
@@ -21,7 +21,8 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use postgres::config::Host;
 
@@ -72,23 +73,63 @@ impl Peer {
         self.tcp.is_empty() && self.unix.is_empty()
     }
 
-    /// The lock every connect to this address holds while it runs and its
-    /// socket is looked for (see the module docs).
-    pub(crate) fn lock(&self) -> Arc<Mutex<()>> {
-        static LOCKS: Mutex<Vec<(String, Weak<Mutex<()>>)>> = Mutex::new(Vec::new());
+    /// The gate every connect to this address (a cancel request's too)
+    /// passes while it runs and its socket is looked for (see the module
+    /// docs); one per address in the process.
+    pub(crate) fn gate(&self) -> Arc<Gate> {
+        static GATES: Mutex<Vec<(String, Weak<Gate>)>> = Mutex::new(Vec::new());
         let key = format!("{:?}{:?}", self.tcp, self.unix);
-        let mut locks = lock(&LOCKS);
-        locks.retain(|(_, weak)| weak.strong_count() > 0);
-        if let Some(found) = locks
+        let mut gates = lock(&GATES);
+        gates.retain(|(_, weak)| weak.strong_count() > 0);
+        if let Some(found) = gates
             .iter()
             .find(|(k, _)| *k == key)
             .and_then(|(_, weak)| weak.upgrade())
         {
             return found;
         }
-        let made = Arc::new(Mutex::new(()));
-        locks.push((key, Arc::downgrade(&made)));
+        let made = Arc::new(Gate::default());
+        gates.push((key, Arc::downgrade(&made)));
         made
+    }
+}
+
+/// A lock whose wait is bounded: one connect at a time per address.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    busy: Mutex<bool>,
+    free: Condvar,
+}
+
+/// Passage through a [`Gate`]; the next one in goes when it drops.
+#[derive(Debug)]
+pub(crate) struct Entered<'a>(&'a Gate);
+
+impl Gate {
+    /// Enters once the connect before has ended, waiting at most `timeout`
+    /// (each connect is bounded, so the wait ends; `None` if it does not).
+    pub(crate) fn enter(&self, timeout: Duration) -> Option<Entered<'_>> {
+        let until = Instant::now().checked_add(timeout);
+        let mut busy = lock(&self.busy);
+        while *busy {
+            let left = until?.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            busy = match self.free.wait_timeout(busy, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        *busy = true;
+        Some(Entered(self))
+    }
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.busy) = false;
+        self.0.free.notify_one();
     }
 }
 
