@@ -1,0 +1,399 @@
+//! The chaos suite: a mixed workload from 8 threads (writes, transactions,
+//! reads, calls with deadlines) while a seeded random schedule kills,
+//! restarts, freezes (SIGSTOP), silences and slows the nodes, one fault at
+//! a time. At the end, with every fault repaired:
+//! - every acknowledged write is on the primary;
+//! - no call with a deadline ran past it by more than the margin;
+//! - no call without one ran past the documented detection bound;
+//! - no connection leaked (`stats()`, and the servers' own view once the
+//!   cluster is shut down);
+//! - the process's threads are back where they were, and (in a long run)
+//!   its memory grew less than 5 %.
+//!
+//! It runs for `PGXKIT_CHAOS_SECS` seconds (default 40); `PGXKIT_CHAOS_SEED`
+//! replays a schedule (the seed is printed first thing).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use pgxkit::Cluster;
+use pgxkit::testkit::{Fault, LocalCluster};
+
+const THREADS: usize = 8;
+const PERIOD: Duration = Duration::from_millis(200);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The deadline of the calls that have one.
+const DEADLINE: Duration = Duration::from_millis(400);
+/// How far past its deadline a call may return: the shutdown grace (20 ms)
+/// plus scheduling.
+const MARGIN: Duration = Duration::from_millis(50);
+/// A call without a deadline: a checkout (bounded by its timeout), then a
+/// statement on a node that may go silent (a health period, the silence
+/// limit of 2 x 1 s, the monitor's 1 s upkeep tick); a read may take two
+/// such attempts (its retry on another node).
+const NO_DEADLINE_BOUND: Duration =
+    Duration::from_millis(2 * (2_000 + 200 + 2_000 + 1_000) + 1_000);
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn threads_now() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What every worker records.
+#[derive(Default)]
+struct Record {
+    acked: BTreeSet<(i32, i32)>,
+    calls: u64,
+    failures: u64,
+    /// The worst lateness past a deadline, and what the call was.
+    worst_late: (Duration, String),
+    late: Vec<Duration>,
+    /// The longest call without a deadline.
+    worst_unbounded: (Duration, String),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Write,
+    WriteWithDeadline,
+    Transaction,
+    Read,
+    ReadWithDeadline,
+}
+
+fn pick(rng: &mut fastrand::Rng) -> Op {
+    match rng.u8(0..100) {
+        0..30 => Op::Write,
+        30..45 => Op::WriteWithDeadline,
+        45..60 => Op::Transaction,
+        60..85 => Op::Read,
+        _ => Op::ReadWithDeadline,
+    }
+}
+
+fn worker(cluster: &Cluster, thread: i32, seed: u64, stop: &AtomicBool) -> Record {
+    let mut rng = fastrand::Rng::with_seed(seed ^ (thread as u64).wrapping_mul(0x9E37_79B9));
+    let mut rec = Record::default();
+    let mut seq = 0i32;
+    let insert = "INSERT INTO chaos (thread, seq) VALUES ($1, $2)";
+    while !stop.load(SeqCst) {
+        let op = pick(&mut rng);
+        seq += 2;
+        let started = Instant::now();
+        let (result, deadline) = match op {
+            Op::Write => (
+                cluster.execute(insert, &[&thread, &seq]).map(|_| true),
+                None,
+            ),
+            Op::WriteWithDeadline => (
+                cluster
+                    .with_timeout(DEADLINE)
+                    .execute(insert, &[&thread, &seq])
+                    .map(|_| true),
+                Some(DEADLINE),
+            ),
+            Op::Transaction => (
+                cluster
+                    .transaction(|tx| {
+                        tx.execute(insert, &[&thread, &seq])?;
+                        tx.execute(insert, &[&thread, &(seq + 1)])?;
+                        Ok(())
+                    })
+                    .map(|()| true),
+                None,
+            ),
+            Op::Read => (
+                cluster
+                    .read_query_one("SELECT count(*) FROM chaos", &[])
+                    .map(|_| false),
+                None,
+            ),
+            Op::ReadWithDeadline => (
+                cluster
+                    .with_timeout(DEADLINE)
+                    .read_query_one("SELECT pg_sleep(0.005)", &[])
+                    .map(|_| false),
+                Some(DEADLINE),
+            ),
+        };
+        let took = started.elapsed();
+        rec.calls += 1;
+        match &result {
+            Ok(true) => {
+                rec.acked.insert((thread, seq));
+                if matches!(op, Op::Transaction) {
+                    rec.acked.insert((thread, seq + 1));
+                }
+            }
+            Ok(false) => {}
+            Err(_) => rec.failures += 1,
+        }
+        let what = || format!("{op:?} took {took:?}: {:?}", result.as_ref().err());
+        match deadline {
+            Some(d) => {
+                let late = took.saturating_sub(d);
+                rec.late.push(late);
+                if late > rec.worst_late.0 {
+                    rec.worst_late = (late, what());
+                }
+            }
+            None => {
+                if took > rec.worst_unbounded.0 {
+                    rec.worst_unbounded = (took, what());
+                }
+            }
+        }
+        if result.is_err() {
+            // A failing node fails fast; do not spin on it.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    rec
+}
+
+/// One fault: applied, held, repaired.
+fn one_fault(local: &LocalCluster, rng: &mut fastrand::Rng, log: &mut Vec<String>) {
+    let node = rng.usize(0..local.nodes().len());
+    let name = local.nodes()[node].name().to_owned();
+    let hold = Duration::from_millis(rng.u64(500..3_000));
+    let proxy = local.proxy(node).unwrap();
+    let kind = rng.u8(0..6);
+    let what = match kind {
+        0 => {
+            local.nodes()[node].kill().unwrap();
+            std::thread::sleep(hold);
+            local.nodes()[node].start().unwrap();
+            "kill -9, start"
+        }
+        1 => {
+            local.nodes()[node].freeze().unwrap();
+            std::thread::sleep(hold);
+            local.nodes()[node].thaw().unwrap();
+            "freeze (SIGSTOP), thaw"
+        }
+        2 => {
+            proxy.set(Fault::Silent);
+            std::thread::sleep(hold);
+            proxy.set(Fault::Pass);
+            "silent proxy"
+        }
+        3 => {
+            proxy.set(Fault::Latency(Duration::from_millis(rng.u64(10..100))));
+            std::thread::sleep(hold);
+            proxy.set(Fault::Pass);
+            "latency"
+        }
+        4 => {
+            proxy.set(Fault::Reset);
+            proxy.set(Fault::Pass);
+            "reset every connection"
+        }
+        _ => {
+            local.nodes()[node].restart().unwrap();
+            "restart"
+        }
+    };
+    log.push(format!("{name}: {what} ({hold:?})"));
+}
+
+#[test]
+fn chaos() {
+    let seed = env_u64("PGXKIT_CHAOS_SEED").unwrap_or_else(|| fastrand::u64(..));
+    let secs = env_u64("PGXKIT_CHAOS_SECS").unwrap_or(40);
+    eprintln!("chaos: seed {seed} (PGXKIT_CHAOS_SEED={seed} replays it), {secs} s");
+    let local = LocalCluster::builder()
+        .replicas(2)
+        .fault_proxies(true)
+        .start()
+        .unwrap();
+    local
+        .primary()
+        .client()
+        .unwrap()
+        .batch_execute("CREATE TABLE chaos (thread int, seq int, PRIMARY KEY (thread, seq))")
+        .unwrap();
+    let threads_before = threads_now();
+    let cluster = common::builder_for(&local)
+        .health_check_period(PERIOD)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .checkout_timeout(CHECKOUT_TIMEOUT)
+        .max_conns(6)
+        .application_name("pgxkit-chaos")
+        .build()
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let cluster = cluster.clone();
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || worker(&cluster, t as i32, seed, &stop))
+        })
+        .collect();
+
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut log = Vec::new();
+    let started = Instant::now();
+    let run = Duration::from_secs(secs);
+    let mut rss_at = None;
+    while started.elapsed() < run {
+        if started.elapsed() > run / 10 && rss_at.is_none() {
+            rss_at = Some(rss_kib());
+        }
+        one_fault(&local, &mut rng, &mut log);
+        std::thread::sleep(Duration::from_millis(rng.u64(200..1_500)));
+    }
+    let rss_end = rss_kib();
+    // Every fault is repaired: wait for every node to be back in the
+    // cluster's view, then let the workload run on a healthy cluster.
+    common::wait_for("every node up again", Duration::from_secs(60), || {
+        cluster.health().nodes.iter().all(|n| n.up)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, SeqCst);
+    let records: Vec<Record> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+
+    let calls: u64 = records.iter().map(|r| r.calls).sum();
+    let failures: u64 = records.iter().map(|r| r.failures).sum();
+    let mut late: Vec<Duration> = records
+        .iter()
+        .flat_map(|r| r.late.iter().copied())
+        .collect();
+    late.sort();
+    let pct = |p: usize| late.get(late.len() * p / 100).copied().unwrap_or_default();
+    let worst_late = records
+        .iter()
+        .map(|r| &r.worst_late)
+        .max_by_key(|w| w.0)
+        .unwrap();
+    let worst_unbounded = records
+        .iter()
+        .map(|r| &r.worst_unbounded)
+        .max_by_key(|w| w.0)
+        .unwrap();
+    eprintln!("chaos: {} faults:\n  {}", log.len(), log.join("\n  "));
+    eprintln!(
+        "chaos: {calls} calls, {failures} failed; past the deadline: p50 {:?} p99 {:?} max {:?} \
+         ({}); longest call without a deadline {:?} ({})",
+        pct(50),
+        pct(99),
+        worst_late.0,
+        worst_late.1,
+        worst_unbounded.0,
+        worst_unbounded.1
+    );
+
+    // Every acknowledged write is there.
+    let acked: BTreeSet<(i32, i32)> = records
+        .iter()
+        .flat_map(|r| r.acked.iter().copied())
+        .collect();
+    let present: BTreeSet<(i32, i32)> = local
+        .primary()
+        .client()
+        .unwrap()
+        .query("SELECT thread, seq FROM chaos", &[])
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let lost: Vec<_> = acked.difference(&present).take(10).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost: {lost:?} (seed {seed})"
+    );
+    assert!(!acked.is_empty(), "no write was acknowledged (seed {seed})");
+
+    // Every call was bounded.
+    assert!(
+        worst_late.0 <= MARGIN,
+        "a call returned {:?} past its deadline: {} (seed {seed})",
+        worst_late.0,
+        worst_late.1
+    );
+    assert!(
+        worst_unbounded.0 <= NO_DEADLINE_BOUND,
+        "a call without a deadline took {:?}: {} (seed {seed})",
+        worst_unbounded.0,
+        worst_unbounded.1
+    );
+
+    // No connection leaked: none in use, and none left on the servers once
+    // the cluster is shut down.
+    assert_eq!(cluster.stats().total_in_use(), 0, "seed {seed}");
+    let report = cluster.shutdown(Duration::from_secs(5));
+    assert!(report.drained, "{report:?}");
+    drop(cluster);
+    let ours = |i: usize| -> Vec<String> {
+        let Ok(mut client) = local.nodes()[i].client() else {
+            return vec!["cannot connect".to_owned()];
+        };
+        client
+            .query(
+                "SELECT application_name || ' ' || coalesce(state, '') || ' ' || \
+                 coalesce(client_port::text, '') || ' ' || left(query, 40) \
+                 FROM pg_stat_activity WHERE backend_type = 'client backend' \
+                 AND application_name LIKE 'pgxkit%'",
+                &[],
+            )
+            .map_or_else(
+                |e| vec![e.to_string()],
+                |rows| rows.iter().map(|r| r.get(0)).collect(),
+            )
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<(usize, Vec<String>)> = (0..local.nodes().len())
+            .map(|i| (i, ours(i)))
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "connections left on the servers 10 s after shutdown: {left:?} (seed {seed})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Threads: back to what they were before the cluster.
+    common::wait_for(
+        "the cluster's threads gone",
+        Duration::from_secs(10),
+        || threads_now() <= threads_before,
+    );
+    if let Some(rss_start) = rss_at {
+        let growth = rss_end as f64 / rss_start.max(1) as f64 - 1.0;
+        eprintln!(
+            "chaos: RSS {rss_start} KiB -> {rss_end} KiB ({:+.1} %)",
+            growth * 100.0
+        );
+        if secs >= 300 {
+            assert!(
+                growth < 0.05,
+                "RSS grew {:.1} % (seed {seed})",
+                growth * 100.0
+            );
+        }
+    }
+}
