@@ -880,7 +880,7 @@ fn loop_for_callgrind(client: &str, n: u32) -> Result<(), AnyError> {
                 c.query_one(&stmt, &[&i])?;
             }
         }
-        "pgxkit" | "pgxkit-hook" => {
+        "pgxkit" | "pgxkit-hook" | "pgxkit-deadline" => {
             let mut builder = Cluster::builder()
                 .primary(dsn)
                 .health_check_period(Duration::from_secs(86_400));
@@ -890,7 +890,10 @@ fn loop_for_callgrind(client: &str, n: u32) -> Result<(), AnyError> {
                     Ok(())
                 });
             }
-            let cluster = builder.build()?;
+            let mut cluster = builder.build()?;
+            if client == "pgxkit-deadline" {
+                cluster = cluster.with_timeout(Duration::from_secs(10));
+            }
             for i in 0..n as i32 {
                 cluster.query_one("SELECT $1::int", &[&i])?;
             }
@@ -920,7 +923,13 @@ fn callgrind(setup: &Setup) -> Result<(), AnyError> {
     let (short, long) = (2_000u32, 12_000u32);
     // Per client: (instructions, simulated L1i misses) per query.
     let mut per_query = Vec::new();
-    for client in ["prepared", "pgxkit-pinned", "pgxkit", "pgxkit-hook"] {
+    for client in [
+        "prepared",
+        "pgxkit-pinned",
+        "pgxkit",
+        "pgxkit-hook",
+        "pgxkit-deadline",
+    ] {
         let mut totals = Vec::new();
         for n in [short, long] {
             let out_file = std::env::temp_dir().join(format!("pgxkit-callgrind-{client}-{n}.out"));
@@ -948,7 +957,7 @@ fn callgrind(setup: &Setup) -> Result<(), AnyError> {
         );
         per_query.push((ir, i1));
     }
-    let [prepared, pinned, pgxkit, hook] = per_query[..] else {
+    let [prepared, pinned, pgxkit, hook, deadline] = per_query[..] else {
         return Err("callgrind: a client is missing".into());
     };
     println!(
@@ -964,6 +973,10 @@ fn callgrind(setup: &Setup) -> Result<(), AnyError> {
     println!(
         "one trivial after_operation hook: {:+.1}% instructions per query",
         (hook.0 / pgxkit.0 - 1.0) * 100.0
+    );
+    println!(
+        "a deadline (with_timeout) on every query: {:+.1}% instructions per query",
+        (deadline.0 / pgxkit.0 - 1.0) * 100.0
     );
     Ok(())
 }

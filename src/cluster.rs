@@ -349,9 +349,11 @@ impl Cluster {
     /// the call returns [`ErrorKind::Timeout`] shortly after the deadline;
     /// the connection, whose state is then uncertain, is discarded.
     ///
-    /// A statement against a black-holed network cannot be cancelled (the
-    /// cancel request cannot reach the server either); bound that case with
-    /// [`tcp_user_timeout`](ClusterBuilder::tcp_user_timeout) and keepalives.
+    /// A statement still running 20 ms after the deadline (the node did not
+    /// answer the cancel request: a hung server, a stopped host, a network
+    /// that drops packets) has its connection's socket shut down, which
+    /// ends the call at once (on Linux; see the README's "Every call is
+    /// bounded" for how the socket is found and when it cannot be).
     ///
     /// ```no_run
     /// use std::time::Duration;

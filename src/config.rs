@@ -302,9 +302,11 @@ impl ClusterBuilder {
 
     /// How often the health monitor probes each node. A node whose probe
     /// has not answered within one period (at least 1 s, at most 5 s) is
-    /// marked down and gets no reads until it answers. At most one year.
-    /// Defaults to the primary DSN's `pool_health_check_period`, else 10
-    /// seconds.
+    /// marked down and gets no reads until it answers; one that has not
+    /// answered for twice that (10 s by default) has every connection to it
+    /// shut down, so calls without a deadline waiting on it fail. At most
+    /// one year. Defaults to the primary DSN's `pool_health_check_period`,
+    /// else 10 seconds.
     ///
     /// ```no_run
     /// # use std::time::Duration;
