@@ -669,34 +669,36 @@ fn decode(what: &str, s: &str) -> Result<String> {
     percent_decode(s).ok_or_else(|| Error::config(format!("invalid percent-encoding in {what}")))
 }
 
+/// Strict where the `percent-encoding` crate is lenient: a `%` not
+/// followed by two hex digits is an error, not kept as it is; so is a
+/// result that is not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let well_formed = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|decoded| decoded.into_owned())
 }
+
+/// What a URL component keeps as it is: RFC 3986's unreserved characters.
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Percent-encodes a URL component (everything but unreserved characters).
 pub(crate) fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
 /// Splits a libpq key=value DSN into pairs, honouring single quotes and
@@ -902,6 +904,16 @@ fn is_known_key(key: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn percent_decoding_is_strict() {
+        assert_eq!(percent_decode("a%20b%C3%A9").as_deref(), Some("a b\u{e9}"));
+        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
+        for bad in ["%", "%4", "%zz", "a%g1", "%e9", "%C3"] {
+            assert_eq!(percent_decode(bad), None, "{bad}");
+        }
+        assert_eq!(percent_encode("a b/é~-._"), "a%20b%2F%C3%A9~-._");
+    }
+
     use super::*;
     use postgres::config::Host;
 
@@ -1023,6 +1035,8 @@ mod tests {
             ("host=h password=Secr3tPw port", "word 3"),
             ("host=h password='Secr3tPw", "password: unterminated"),
             ("postgres://u:Secr3t%zzPw@h/db", "password"),
+            ("postgres://u:Secr3tPw%4@h/db", "password"),
+            ("postgres://u:Secr3tPw%e9@h/db", "password"),
             // From the issue: a typo'd scheme, no scheme, a `/` in the password.
             ("postgres:app:Secr3tPW@localhost/app", "postgres://"),
             ("app:Secr3tPW@localhost", "key=value"),
