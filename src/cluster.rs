@@ -609,6 +609,66 @@ impl Cluster {
         })
     }
 
+    /// Copies data into a table on the primary: `sql` is a `COPY ... FROM
+    /// STDIN` statement, `data` its input in the statement's format (text,
+    /// CSV or binary), streamed in 64 KiB chunks. Returns the rows copied.
+    /// Counted in flight for shutdown, bounded by this handle's deadline,
+    /// seen by the operation hooks and metrics as `copy_in`. If `data`
+    /// fails, the COPY is aborted (nothing is copied) and the error is
+    /// [`ErrorKind::Io`] with the I/O error as its source.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let csv = "1,ada\n2,grace\n";
+    /// let rows = cluster.copy_in("COPY users (id, name) FROM STDIN (FORMAT csv)", csv.as_bytes())?;
+    /// assert_eq!(rows, 2);
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn copy_in(&self, sql: &str, mut data: impl std::io::Read) -> Result<u64> {
+        self.on_primary(
+            OperationKind::CopyIn,
+            sql,
+            &[],
+            |n: &u64| Some(*n),
+            |node, deadline| {
+                let mut failed = None;
+                let result = node.run_conn(deadline, |conn| {
+                    crate::copy::copy_in(conn, sql, &mut data, &mut failed)
+                });
+                crate::copy::outcome(result, failed, &node.info, "reading the data")
+            },
+        )
+    }
+
+    /// Copies data out of the primary: `sql` is a `COPY ... TO STDOUT`
+    /// statement (or `COPY (SELECT ...) TO STDOUT`); its output is written
+    /// to `out` as it arrives, never held whole. Returns the bytes written.
+    /// Counted, bounded and observed as [`copy_in`](Self::copy_in) is (as
+    /// `copy_out`). If `out` fails, the rest is not read, the connection is
+    /// discarded and the error is [`ErrorKind::Io`].
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let mut file = std::fs::File::create("users.csv").expect("a file");
+    /// cluster.copy_out("COPY users TO STDOUT (FORMAT csv)", &mut file)?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn copy_out(&self, sql: &str, mut out: impl std::io::Write) -> Result<u64> {
+        self.on_primary(
+            OperationKind::CopyOut,
+            sql,
+            &[],
+            |_: &u64| None,
+            |node, deadline| {
+                let mut failed = None;
+                let result = node.run_conn(deadline, |conn| {
+                    crate::copy::copy_out(conn, sql, &mut out, &mut failed)
+                });
+                crate::copy::outcome(result, failed, &node.info, "writing the output")
+            },
+        )
+    }
+
     /// Runs one or more statements separated by semicolons on the primary,
     /// with the simple protocol (no parameters).
     ///

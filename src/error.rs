@@ -57,6 +57,9 @@ pub enum ErrorKind {
     /// A transaction handle used after it ended (commit, rollback), or while
     /// another call on it is still running.
     TransactionState,
+    /// The caller's own reader or writer failed during COPY IN or COPY
+    /// OUT (the I/O error is the source); the COPY was aborted.
+    Io,
     /// What was asked cannot be done in the handle's
     /// [`StatementMode`](crate::StatementMode) (parameters with the simple
     /// protocol, a parameter type an unnamed statement cannot tell).
@@ -84,6 +87,7 @@ impl ErrorKind {
             ErrorKind::Client => "cannot send the statement as given",
             ErrorKind::TransactionState => "transaction not usable",
             ErrorKind::Unsupported => "not supported in this statement mode",
+            ErrorKind::Io => "the COPY data's reader or writer failed",
         }
     }
 }

@@ -44,6 +44,10 @@ pub enum OperationKind {
     WithPrimary,
     /// `Cluster::with_replica` (no SQL is known).
     WithReplica,
+    /// `copy_in` (`COPY ... FROM STDIN`).
+    CopyIn,
+    /// `copy_out` (`COPY ... TO STDOUT`).
+    CopyOut,
 }
 
 impl OperationKind {
@@ -60,6 +64,8 @@ impl OperationKind {
             OperationKind::ReadQueryOpt => "read_query_opt",
             OperationKind::WithPrimary => "with_primary",
             OperationKind::WithReplica => "with_replica",
+            OperationKind::CopyIn => "copy_in",
+            OperationKind::CopyOut => "copy_out",
         }
     }
 

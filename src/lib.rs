@@ -7,6 +7,7 @@ mod balancer;
 mod breaker;
 mod cluster;
 mod config;
+mod copy;
 mod deadline;
 mod dsn;
 mod env;

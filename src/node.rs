@@ -847,6 +847,21 @@ impl Node {
         result
     }
 
+    /// [`run`](Self::run) with the whole pooled connection (COPY marks it
+    /// broken when it stops half way).
+    pub(crate) fn run_conn<T>(
+        &self,
+        deadline: Option<Instant>,
+        op: impl FnOnce(&mut Conn) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        let permit = self.admit()?;
+        let result = self
+            .checkout_until(deadline)
+            .and_then(|mut conn| self.guarded_conn(&mut conn, deadline, op));
+        permit.finish(&result);
+        result
+    }
+
     /// A connection within the checkout timeout, or sooner if `deadline`
     /// comes first (then running out is `Timeout`, not `PoolTimeout`).
     pub(crate) fn checkout_until(&self, deadline: Option<Instant>) -> Result<Lease<'_>> {

@@ -285,6 +285,60 @@ impl<'c> Transaction<'c> {
         )
     }
 
+    /// COPY IN inside the transaction, as
+    /// [`Cluster::copy_in`](crate::Cluster::copy_in) does it: the rows
+    /// copied. Rolled back with the transaction.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// cluster.transaction(|tx| {
+    ///     tx.execute("TRUNCATE staging", &[])?;
+    ///     tx.copy_in("COPY staging FROM STDIN", "1\n2\n".as_bytes())
+    /// })?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn copy_in(&self, sql: &str, mut data: impl std::io::Read) -> Result<u64> {
+        self.run(
+            OperationKind::CopyIn,
+            sql,
+            &[],
+            |n: &u64| Some(*n),
+            |conn, deadline| {
+                let mut failed = None;
+                let result = self.node.guarded_conn(conn, deadline, |c| {
+                    crate::copy::copy_in(c, sql, &mut data, &mut failed)
+                });
+                crate::copy::outcome(result, failed, &self.node.info, "reading the data")
+            },
+        )
+    }
+
+    /// COPY OUT inside the transaction (its snapshot), as
+    /// [`Cluster::copy_out`](crate::Cluster::copy_out) does it: the bytes
+    /// written.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let mut out = Vec::new();
+    /// cluster.transaction(|tx| tx.copy_out("COPY users TO STDOUT", &mut out))?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn copy_out(&self, sql: &str, mut out: impl std::io::Write) -> Result<u64> {
+        self.run(
+            OperationKind::CopyOut,
+            sql,
+            &[],
+            |_: &u64| None,
+            |conn, deadline| {
+                let mut failed = None;
+                let result = self.node.guarded_conn(conn, deadline, |c| {
+                    crate::copy::copy_out(c, sql, &mut out, &mut failed)
+                });
+                crate::copy::outcome(result, failed, &self.node.info, "writing the output")
+            },
+        )
+    }
+
     /// Lends the transaction's `postgres::Client` (COPY, `query_raw`...).
     /// Do not commit or roll back through it.
     pub fn with_client<T>(
