@@ -44,17 +44,38 @@ impl Error {
     }
 
     /// The node the error is about (`primary`, `replica1`, ...), if any.
+    ///
+    /// ```no_run
+    /// match pgxkit::testkit::LocalCluster::builder().bin_dir("/nowhere").start() {
+    ///     Err(e) => println!("node {:?}, step {}", e.node(), e.step()),
+    ///     Ok(_) => {}
+    /// }
+    /// ```
     pub fn node(&self) -> Option<&str> {
         self.node.as_deref()
     }
 
     /// The step that failed, such as `find binaries`, `initdb`, `start` or
     /// `wait for streaming`.
+    ///
+    /// ```no_run
+    /// if let Err(e) = pgxkit::testkit::LocalCluster::start(0) {
+    ///     eprintln!("failed at {}", e.step());
+    /// }
+    /// ```
     pub fn step(&self) -> &str {
         self.step
     }
 
     /// The last lines of the server's (or the failing command's) log, if any.
+    ///
+    /// ```no_run
+    /// if let Err(e) = pgxkit::testkit::LocalCluster::start(0) {
+    ///     if let Some(tail) = e.log_tail() {
+    ///         eprintln!("the server said:\n{tail}");
+    ///     }
+    /// }
+    /// ```
     pub fn log_tail(&self) -> Option<&str> {
         self.log_tail.as_deref()
     }

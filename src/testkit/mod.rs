@@ -97,44 +97,91 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// A builder, to choose the number of replicas and other settings.
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder().replicas(1).start().unwrap();
+    /// ```
     pub fn builder() -> LocalClusterBuilder {
         LocalClusterBuilder::default()
     }
 
     /// Starts a primary and `replicas` streaming replicas with the default
     /// settings; the same as `LocalCluster::builder().replicas(n).start()`.
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::start(2).unwrap(); // primary + 2 replicas
+    /// ```
     pub fn start(replicas: usize) -> Result<Self, Error> {
         Self::builder().replicas(replicas).start()
     }
 
     /// The primary (node 0).
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let mut client = local.primary().client().unwrap();
+    /// client.batch_execute("CREATE TABLE t (id int)").unwrap();
+    /// ```
     pub fn primary(&self) -> &LocalNode {
         &self.nodes[0]
     }
 
     /// The replicas, in order (`replica1` first).
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// for replica in local.replicas() {
+    ///     println!("{} on port {}", replica.name(), replica.port());
+    /// }
+    /// ```
     pub fn replicas(&self) -> &[LocalNode] {
         &self.nodes[1..]
     }
 
     /// Node `i`: 0 is the primary, 1.. the replicas; `None` past the end.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// assert_eq!(local.node(0).unwrap().name(), "primary");
+    /// assert!(local.node(2).is_none());
+    /// ```
     pub fn node(&self, i: usize) -> Option<&LocalNode> {
         self.nodes.get(i)
     }
 
     /// All nodes, the primary first.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// assert_eq!(local.nodes().len(), 2);
+    /// ```
     pub fn nodes(&self) -> &[LocalNode] {
         &self.nodes
     }
 
     /// The primary's connection string (through its fault proxy, with
     /// [`LocalClusterBuilder::fault_proxies`]).
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let cluster = pgxkit::Cluster::connect(&local.primary_dsn()).unwrap();
+    /// ```
     pub fn primary_dsn(&self) -> String {
         self.dsn_of(0)
     }
 
     /// The replicas' connection strings, in order (through their fault
     /// proxies, with [`LocalClusterBuilder::fault_proxies`]).
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let cluster = local
+    ///     .replica_dsns()
+    ///     .into_iter()
+    ///     .fold(pgxkit::Cluster::builder().primary(local.primary_dsn()), |b, dsn| b.replica(dsn))
+    ///     .build()
+    ///     .unwrap();
+    /// ```
     pub fn replica_dsns(&self) -> Vec<String> {
         (1..self.nodes.len()).map(|i| self.dsn_of(i)).collect()
     }
@@ -166,12 +213,23 @@ impl LocalCluster {
     }
 
     /// The certificate files, when started with [`LocalClusterBuilder::tls`].
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder().tls(true).start().unwrap();
+    /// let files = local.tls().unwrap();
+    /// println!("CA certificate: {}", files.ca_cert.display());
+    /// ```
     pub fn tls(&self) -> Option<&TlsFiles> {
         self.tls.as_ref()
     }
 
     /// The generated password of user `postgres`, when started with
     /// [`LocalClusterBuilder::password_auth`] (the DSNs carry it).
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder().password_auth(true).start().unwrap();
+    /// assert!(local.password().is_some());
+    /// ```
     pub fn password(&self) -> Option<&str> {
         self.password.as_deref()
     }
@@ -180,6 +238,12 @@ impl LocalCluster {
     /// (`session`, `transaction` or `statement`), trust authentication,
     /// 4 server connections per database, on a free 127.0.0.1 port.
     /// Needs the `pgbouncer` binary (Debian/Ubuntu package `pgbouncer`).
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let bouncer = local.pgbouncer("transaction").unwrap();
+    /// let cluster = pgxkit::Cluster::connect(&bouncer.dsn()).unwrap();
+    /// ```
     pub fn pgbouncer(&self, pool_mode: &str) -> Result<PgBouncer, Error> {
         PgBouncer::start(
             &self.runner,
@@ -191,6 +255,11 @@ impl LocalCluster {
     }
 
     /// The temporary directory that holds every node's data and log.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// assert!(local.dir().join("primary").exists());
+    /// ```
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -198,6 +267,14 @@ impl LocalCluster {
     /// Waits until every running replica has replayed all WAL the primary
     /// had written when this call began. Bounded by `timeout`; the error
     /// names the replica that did not catch up.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// local.primary().client().unwrap().batch_execute("CREATE TABLE t (id int)").unwrap();
+    /// local.wait_for_replicas_caught_up(Duration::from_secs(10)).unwrap();
+    /// // now every replica has the table
+    /// ```
     pub fn wait_for_replicas_caught_up(&self, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         let primary = self.primary();
@@ -291,6 +368,10 @@ impl LocalClusterBuilder {
     }
 
     /// How many streaming replicas to start beside the primary. Defaults to 0.
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder().replicas(2).start().unwrap();
+    /// ```
     pub fn replicas(mut self, n: usize) -> Self {
         self.replicas = n;
         self
@@ -298,6 +379,13 @@ impl LocalClusterBuilder {
 
     /// The directory holding `initdb`, `postgres` and `pg_basebackup`.
     /// Defaults to `pg_config --bindir`, then the newest `/usr/lib/postgresql/*/bin`.
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder()
+    ///     .bin_dir("/usr/lib/postgresql/15/bin")
+    ///     .start()
+    ///     .unwrap();
+    /// ```
     pub fn bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.bin_dir = Some(dir.into());
         self
@@ -305,6 +393,13 @@ impl LocalClusterBuilder {
 
     /// Where the cluster's temporary directory is created. Defaults to
     /// [`std::env::temp_dir()`]. The server's OS user must be able to enter it.
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder()
+    ///     .temp_root("/var/tmp")
+    ///     .start()
+    ///     .unwrap();
+    /// ```
     pub fn temp_root(mut self, dir: impl Into<PathBuf>) -> Self {
         self.temp_root = Some(dir.into());
         self
@@ -312,6 +407,11 @@ impl LocalClusterBuilder {
 
     /// The primary's port. Defaults to a free port chosen at start; the
     /// replicas always get free ports.
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder().port(25432).start().unwrap();
+    /// assert_eq!(local.primary().port(), 25432);
+    /// ```
     pub fn port(mut self, port: u16) -> Self {
         self.port = Some(port);
         self
@@ -319,6 +419,14 @@ impl LocalClusterBuilder {
 
     /// The bound on every wait: each command, each start, each stop, the
     /// replicas' first streaming. Defaults to 60 seconds.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// let local = pgxkit::testkit::LocalCluster::builder()
+    ///     .timeout(Duration::from_secs(120))
+    ///     .start()
+    ///     .unwrap();
+    /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -326,6 +434,13 @@ impl LocalClusterBuilder {
 
     /// A server setting for every node, written to `postgresql.conf`
     /// (`value` as it would appear there: quote strings, e.g. `"'on'"`).
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder()
+    ///     .setting("log_min_duration_statement", "0")
+    ///     .start()
+    ///     .unwrap();
+    /// ```
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.push((name.into(), value.into()));
         self
@@ -336,6 +451,11 @@ impl LocalClusterBuilder {
     /// `postgres`, and an unrelated CA (see [`TlsFiles`]). Plaintext
     /// connections stay allowed unless [`client_cert_auth`](Self::client_cert_auth).
     /// Needs the `openssl` command. Defaults to `false`.
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder().tls(true).start().unwrap();
+    /// assert!(local.tls().is_some());
+    /// ```
     pub fn tls(mut self, yes: bool) -> Self {
         self.tls = yes;
         self
@@ -344,6 +464,12 @@ impl LocalClusterBuilder {
     /// Require SCRAM-SHA-256 password authentication on TCP, with a password
     /// generated for this run ([`LocalCluster::password`]; the DSNs carry it).
     /// Defaults to `false` (trust).
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder().password_auth(true).start().unwrap();
+    /// // The DSNs carry the generated password.
+    /// let cluster = pgxkit::Cluster::connect(&local.primary_dsn()).unwrap();
+    /// ```
     pub fn password_auth(mut self, yes: bool) -> Self {
         self.password_auth = yes;
         self
@@ -351,6 +477,12 @@ impl LocalClusterBuilder {
 
     /// Require TLS with a client certificate (`hostssl ... cert`) on TCP;
     /// implies [`tls`](Self::tls). Defaults to `false`.
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder().client_cert_auth(true).start().unwrap();
+    /// let files = local.tls().unwrap();
+    /// println!("client key: {}", files.client_key.display());
+    /// ```
     pub fn client_cert_auth(mut self, yes: bool) -> Self {
         self.client_cert_auth = yes;
         self
@@ -362,6 +494,11 @@ impl LocalClusterBuilder {
     /// Blocks for the whole start-up (a few seconds); each step is bounded by
     /// [`timeout`](Self::timeout). On any error everything started so far is
     /// stopped and removed.
+    ///
+    /// ```no_run
+    /// let local = pgxkit::testkit::LocalCluster::builder().replicas(2).start().unwrap();
+    /// assert_eq!(local.replicas().len(), 2);
+    /// ```
     pub fn start(self) -> Result<LocalCluster, Error> {
         let bin_dir = match &self.bin_dir {
             Some(dir) => {

@@ -70,11 +70,21 @@ impl LocalNode {
     }
 
     /// The node's name: `primary`, `replica1`, `replica2`, ...
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// assert_eq!(local.replicas()[0].name(), "replica1");
+    /// ```
     pub fn name(&self) -> &str {
         &self.name
     }
 
     /// The loopback TCP port the server listens on.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// println!("primary on 127.0.0.1:{}", local.primary().port());
+    /// ```
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -82,6 +92,12 @@ impl LocalNode {
     /// A connection string for this server over TCP on 127.0.0.1: user
     /// `postgres` (with the generated password under `password_auth`),
     /// database `postgres`. Add `?sslmode=...` for TLS.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let dsn = local.primary().dsn();
+    /// assert!(dsn.starts_with("postgres://"));
+    /// ```
     pub fn dsn(&self) -> String {
         match &self.password {
             Some(pw) => format!("postgres://postgres:{pw}@127.0.0.1:{}/postgres", self.port),
@@ -110,26 +126,53 @@ impl LocalNode {
     }
 
     /// The directory of the server's Unix socket (the kit's own admin access).
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// assert!(local.primary().socket_dir().exists());
+    /// ```
     pub fn socket_dir(&self) -> &Path {
         &self.socket_dir
     }
 
     /// The server's data directory.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// assert!(local.primary().data_dir().join("PG_VERSION").exists());
+    /// ```
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
     /// The server's log file (its stderr).
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let log = std::fs::read_to_string(local.primary().log_path()).unwrap();
+    /// ```
     pub fn log_path(&self) -> &Path {
         &self.log_path
     }
 
     /// The postmaster's process id while the server runs.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// assert!(local.primary().pid().is_some());
+    /// ```
     pub fn pid(&self) -> Option<u32> {
         self.lock().as_ref().map(Child::id)
     }
 
     /// Whether the postmaster is running.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let replica = &local.replicas()[0];
+    /// replica.kill().unwrap();
+    /// assert!(!replica.is_running());
+    /// ```
     pub fn is_running(&self) -> bool {
         let mut guard = self.lock();
         match guard.as_mut().map(Child::try_wait) {
@@ -144,6 +187,12 @@ impl LocalNode {
 
     /// A new `postgres::Client` to this server as `postgres`, over its Unix
     /// socket (trusted whatever the TCP authentication), connect timeout 5 s.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let mut client = local.primary().client().unwrap();
+    /// let one: i32 = client.query_one("SELECT 1", &[]).unwrap().get(0);
+    /// ```
     pub fn client(&self) -> Result<postgres::Client, Error> {
         self.connect(Duration::from_secs(5))
             .map_err(|e| self.error("connect", format!("cannot connect: {e}")))
@@ -161,6 +210,13 @@ impl LocalNode {
 
     /// Starts the server and waits until it accepts connections. Starting a
     /// running server is a no-op.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let replica = &local.replicas()[0];
+    /// replica.kill().unwrap();
+    /// replica.start().unwrap(); // crash recovery, then it streams again
+    /// ```
     pub fn start(&self) -> Result<(), Error> {
         if self.is_running() {
             return Ok(());
@@ -205,11 +261,21 @@ impl LocalNode {
 
     /// Stops the server with a fast shutdown (SIGINT: sessions are ended,
     /// a checkout-consistent state is written) and waits for it to exit.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// local.replicas()[0].stop().unwrap();
+    /// ```
     pub fn stop(&self) -> Result<(), Error> {
         self.shut_down(Signal::SIGINT, "stop")
     }
 
     /// Stops and starts the server again.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// local.primary().restart().unwrap();
+    /// ```
     pub fn restart(&self) -> Result<(), Error> {
         self.stop()?;
         self.start()
@@ -274,6 +340,11 @@ impl LocalNode {
     /// every one of its processes, then waits until all are gone. Unlike
     /// [`stop`](Self::stop) nothing is written; [`start`](Self::start)
     /// then runs crash recovery.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// local.replicas()[0].kill().unwrap(); // as a crash: SIGKILL to every process
+    /// ```
     pub fn kill(&self) -> Result<(), Error> {
         self.thaw()?;
         let mut guard = self.lock();
@@ -322,16 +393,35 @@ impl LocalNode {
 
     /// Pauses WAL replay on a replica (`pg_wal_replay_pause()`): it keeps
     /// receiving WAL but applies none, so it falls behind for real.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let replica = &local.replicas()[0];
+    /// replica.pause_replay().unwrap(); // it falls behind for real
+    /// replica.resume_replay().unwrap();
+    /// ```
     pub fn pause_replay(&self) -> Result<(), Error> {
         self.execute("pause replay", "SELECT pg_wal_replay_pause()")
     }
 
     /// Resumes WAL replay on a replica (`pg_wal_replay_resume()`).
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// local.replicas()[0].resume_replay().unwrap();
+    /// ```
     pub fn resume_replay(&self) -> Result<(), Error> {
         self.execute("resume replay", "SELECT pg_wal_replay_resume()")
     }
 
     /// Promotes a replica to a writable primary and waits until it is one.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let replica = &local.replicas()[0];
+    /// replica.promote().unwrap();
+    /// replica.client().unwrap().batch_execute("CREATE TABLE now_writable (x int)").unwrap();
+    /// ```
     pub fn promote(&self) -> Result<(), Error> {
         let seconds = i32::try_from(self.timeout.as_secs().max(1)).unwrap_or(i32::MAX);
         let mut client = self.client()?;

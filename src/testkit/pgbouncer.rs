@@ -158,16 +158,34 @@ impl PgBouncer {
     }
 
     /// The port PgBouncer listens on (127.0.0.1).
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let bouncer = local.pgbouncer("session").unwrap();
+    /// println!("pgbouncer on 127.0.0.1:{}", bouncer.port());
+    /// ```
     pub fn port(&self) -> u16 {
         self.port
     }
 
     /// A DSN through PgBouncer to the primary's `postgres` database.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let bouncer = local.pgbouncer("transaction").unwrap();
+    /// let cluster = pgxkit::Cluster::connect(&bouncer.dsn()).unwrap();
+    /// ```
     pub fn dsn(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
     /// PgBouncer's log file.
+    ///
+    /// ```no_run
+    /// # let local = pgxkit::testkit::LocalCluster::start(1).unwrap();
+    /// let bouncer = local.pgbouncer("session").unwrap();
+    /// let log = std::fs::read_to_string(bouncer.log_path()).unwrap();
+    /// ```
     pub fn log_path(&self) -> &Path {
         &self.log_path
     }
