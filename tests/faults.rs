@@ -143,6 +143,29 @@ fn resets_and_refusals() {
 }
 
 #[test]
+fn a_connection_reset_by_its_client_is_forgotten() {
+    use nix::sys::socket::{setsockopt, sockopt::Linger};
+    let local = LocalCluster::start(0).unwrap();
+    let proxy = local.primary().fault_proxy().unwrap();
+    let stream = std::net::TcpStream::connect(("127.0.0.1", proxy.port())).unwrap();
+    wait_for(
+        "the proxy to take the connection",
+        Duration::from_secs(5),
+        || proxy.connections() == 1,
+    );
+    // Closed with an RST: the proxy's socket then no longer knows its peer.
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(&stream, Linger, &linger).unwrap();
+    drop(stream);
+    wait_for("the proxy to forget it", Duration::from_secs(5), || {
+        proxy.connections() == 0
+    });
+}
+
+#[test]
 fn dropping_the_proxy_closes_every_connection() {
     let local = LocalCluster::start(0).unwrap();
     let proxy = local.primary().fault_proxy().unwrap();

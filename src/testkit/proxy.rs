@@ -67,8 +67,11 @@ struct Shared {
     listener: Mutex<Option<TcpListener>>,
     fault: Mutex<Fault>,
     stop: AtomicBool,
-    /// Every connection's two sockets, to reset them all at once.
-    sockets: Mutex<Vec<TcpStream>>,
+    /// Every open connection's two sockets, by connection, to reset them
+    /// all at once.
+    sockets: Mutex<Vec<(u64, TcpStream)>>,
+    /// The id of the next connection.
+    next_id: std::sync::atomic::AtomicU64,
     pumps: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -115,6 +118,7 @@ impl FaultProxy {
             fault: Mutex::new(Fault::Pass),
             stop: AtomicBool::new(false),
             sockets: Mutex::new(Vec::new()),
+            next_id: std::sync::atomic::AtomicU64::new(0),
             pumps: Mutex::new(Vec::new()),
         });
         let acceptor = {
@@ -201,7 +205,7 @@ impl Drop for FaultProxy {
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
-        for socket in lock(&self.shared.sockets).drain(..) {
+        for (_, socket) in lock(&self.shared.sockets).drain(..) {
             let _ = socket.shutdown(Shutdown::Both);
         }
         let pumps: Vec<_> = lock(&self.shared.pumps).drain(..).collect();
@@ -266,7 +270,8 @@ fn serve(shared: &Arc<Shared>, client: TcpStream) {
         let _ = s.set_nodelay(true);
         let _ = s.set_read_timeout(Some(POLL));
     }
-    lock(&shared.sockets).extend([client, server]);
+    let id = shared.next_id.fetch_add(1, SeqCst);
+    lock(&shared.sockets).extend([(id, client), (id, server)]);
     for (from, to, name) in [
         (c_read, s_write, "pgxkit-proxy-up"),
         (s_read, c_write, "pgxkit-proxy-down"),
@@ -274,7 +279,7 @@ fn serve(shared: &Arc<Shared>, client: TcpStream) {
         let shared_for_pump = Arc::clone(shared);
         let spawned = std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || pump(&shared_for_pump, from, to));
+            .spawn(move || pump(&shared_for_pump, id, from, to));
         if let Ok(handle) = spawned {
             lock(&shared.pumps).push(handle);
         }
@@ -283,7 +288,7 @@ fn serve(shared: &Arc<Shared>, client: TcpStream) {
 
 /// Copies `from` to `to` as the fault says, until either side closes or
 /// the proxy stops.
-fn pump(shared: &Shared, mut from: TcpStream, mut to: TcpStream) {
+fn pump(shared: &Shared, id: u64, mut from: TcpStream, mut to: TcpStream) {
     let mut buf = vec![0u8; 16 * 1024];
     while !shared.stop.load(SeqCst) {
         let fault = shared.fault();
@@ -319,8 +324,7 @@ fn pump(shared: &Shared, mut from: TcpStream, mut to: TcpStream) {
     }
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
-    forget(shared, &from);
-    forget(shared, &to);
+    forget(shared, id);
 }
 
 /// Sleeps `d`, in steps, returning early when the proxy stops.
@@ -335,17 +339,14 @@ fn sleep_unless_stopped(shared: &Shared, d: Duration) {
     }
 }
 
-/// Drops a closed socket from the list of open ones.
-fn forget(shared: &Shared, socket: &TcpStream) {
-    let (Ok(local), Ok(peer)) = (socket.local_addr(), socket.peer_addr()) else {
-        return;
-    };
-    lock(&shared.sockets)
-        .retain(|s| !(s.local_addr().ok() == Some(local) && s.peer_addr().ok() == Some(peer)));
+/// Drops a closed connection's sockets from the list of open ones (by
+/// connection: a reset socket no longer knows its peer's address).
+fn forget(shared: &Shared, id: u64) {
+    lock(&shared.sockets).retain(|(of, _)| *of != id);
 }
 
 fn reset_all(shared: &Shared) {
-    for socket in lock(&shared.sockets).drain(..) {
+    for (_, socket) in lock(&shared.sockets).drain(..) {
         reset(&socket);
     }
 }
