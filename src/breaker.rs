@@ -11,6 +11,14 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 /// The state of a node's circuit breaker.
+///
+/// ```no_run
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+/// if cluster.stats().primary().breaker == pgxkit::BreakerState::Open {
+///     eprintln!("the primary's breaker is open");
+/// }
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BreakerState {
     /// Calls go through; failures are counted.
@@ -23,6 +31,12 @@ pub enum BreakerState {
 
 impl BreakerState {
     /// `closed`, `open` or `half-open`.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// println!("breaker: {}", cluster.stats().primary().breaker.as_str());
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             BreakerState::Closed => "closed",

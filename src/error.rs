@@ -8,6 +8,14 @@ use std::time::Duration;
 use postgres::error::{DbError, SqlState};
 
 /// `Result<T, pgxkit::Error>`.
+///
+/// ```no_run
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+/// fn count_users(cluster: &pgxkit::Cluster) -> pgxkit::Result<i64> {
+///     Ok(cluster.query_one("SELECT count(*) FROM users", &[])?.get(0))
+/// }
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What went wrong, in a form to match on.
@@ -93,6 +101,16 @@ impl ErrorKind {
 }
 
 /// Whether a node is the primary (writes) or a replica (reads).
+///
+/// ```no_run
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+/// for node in &cluster.stats().nodes {
+///     if node.node.role() == pgxkit::Role::Replica {
+///         println!("replica {}", node.node.name());
+///     }
+/// }
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// The primary: every write and every operation not marked as a read.
@@ -141,16 +159,34 @@ impl NodeInfo {
     }
 
     /// The node's name: `primary`, `replica1`, `replica2`, ...
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// assert_eq!(cluster.stats().primary().node.name(), "primary");
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn name(&self) -> &str {
         &self.0.name
     }
 
     /// The node's role.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// assert_eq!(cluster.stats().primary().node.role(), pgxkit::Role::Primary);
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn role(&self) -> Role {
         self.0.role
     }
 
     /// `host:port` of the node (the first host when several are given).
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// println!("primary at {}", cluster.stats().primary().node.address());
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn address(&self) -> &str {
         &self.0.address
     }
@@ -263,26 +299,74 @@ impl Error {
     }
 
     /// What went wrong.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// match cluster.query_one("SELECT id FROM users WHERE name = $1", &[&"ada"]) {
+    ///     Err(e) if e.kind() == pgxkit::ErrorKind::NotFound => println!("no such user"),
+    ///     other => { other?; }
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn kind(&self) -> ErrorKind {
         self.0.kind
     }
 
     /// The node the error happened on, if it is about one.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// if let Err(e) = cluster.execute("SELECT 1", &[]) {
+    ///     if let Some(node) = e.node() {
+    ///         eprintln!("failed on {} ({})", node.name(), node.address());
+    ///     }
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn node(&self) -> Option<&NodeInfo> {
         self.0.node.as_ref()
     }
 
     /// The SQLSTATE the server sent, if any.
+    ///
+    /// ```no_run
+    /// use pgxkit::postgres::error::SqlState;
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// match cluster.execute("INSERT INTO users (id) VALUES (1)", &[]) {
+    ///     Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => println!("already there"),
+    ///     other => { other?; }
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn code(&self) -> Option<&SqlState> {
         self.as_postgres().and_then(postgres::Error::code)
     }
 
     /// The server's error (message, detail, hint, position...), if any.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// if let Err(e) = cluster.execute("INSERT INTO users (id) VALUES (1)", &[]) {
+    ///     if let Some(db) = e.as_db_error() {
+    ///         eprintln!("{}: {:?}", db.message(), db.detail());
+    ///     }
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn as_db_error(&self) -> Option<&DbError> {
         self.as_postgres().and_then(postgres::Error::as_db_error)
     }
 
     /// The driver's error, if this one wraps it.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// if let Err(e) = cluster.execute("SELECT 1", &[]) {
+    ///     let driver: Option<&pgxkit::postgres::Error> = e.as_postgres();
+    ///     eprintln!("driver said: {driver:?}");
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn as_postgres(&self) -> Option<&postgres::Error> {
         let mut next: Option<&(dyn StdError + 'static)> = self.source();
         while let Some(err) = next {
@@ -299,6 +383,16 @@ impl Error {
     /// SQLSTATE class 08 or 57P01-57P03. These are the failures that count
     /// against a node's circuit breaker; a unique violation or a syntax error
     /// never does.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// if let Err(e) = cluster.execute("SELECT 1", &[]) {
+    ///     if e.is_connection_error() {
+    ///         eprintln!("the node is in trouble, not the statement: {e}");
+    ///     }
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn is_connection_error(&self) -> bool {
         match self.0.kind {
             ErrorKind::Connect | ErrorKind::Closed | ErrorKind::PoolTimeout => {
@@ -321,6 +415,19 @@ impl Error {
     /// `NotFound`, configuration errors, a deadline of the caller's own
     /// ([`ErrorKind::Timeout`]), an I/O failure while a statement was in
     /// flight (it may have run), and [`ErrorKind::AmbiguousCommit`].
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let mut attempts = 0;
+    /// let n = loop {
+    ///     attempts += 1;
+    ///     match cluster.execute("UPDATE stock SET n = n - 1 WHERE id = 7", &[]) {
+    ///         Err(e) if e.is_retryable() && attempts < 3 => continue,
+    ///         other => break other?,
+    ///     }
+    /// };
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn is_retryable(&self) -> bool {
         match self.0.kind {
             ErrorKind::Connect => !self.is_permanent_connect_failure(),
@@ -361,6 +468,16 @@ impl Error {
 
     /// How long until an open circuit breaker lets a call through, for
     /// [`ErrorKind::CircuitOpen`].
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// if let Err(e) = cluster.execute("SELECT 1", &[]) {
+    ///     if let Some(wait) = e.retry_after() {
+    ///         std::thread::sleep(wait); // the breaker lets a trial call through then
+    ///     }
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn retry_after(&self) -> Option<Duration> {
         self.0
             .source

@@ -11,6 +11,17 @@ use crate::error::{NodeInfo, Role};
 pub(crate) const UTILIZATION_WARNING: f64 = 0.8;
 
 /// The overall verdict of a [`HealthReport`].
+///
+/// ```no_run
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+/// match cluster.health().status {
+///     pgxkit::HealthStatus::Healthy => {}
+///     pgxkit::HealthStatus::Degraded => eprintln!("degraded"),
+///     pgxkit::HealthStatus::Unhealthy => eprintln!("unhealthy"),
+///     _ => {}
+/// }
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HealthStatus {
     /// Every node up, every breaker closed, no replica lagging, no pool above 80 %.
@@ -24,6 +35,12 @@ pub enum HealthStatus {
 
 impl HealthStatus {
     /// `healthy`, `degraded` or `unhealthy`.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// println!("status: {}", cluster.health().status.as_str());
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             HealthStatus::Healthy => "healthy",
@@ -40,6 +57,14 @@ impl fmt::Display for HealthStatus {
 }
 
 /// One node's health.
+///
+/// ```no_run
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+/// for node in &cluster.health().nodes {
+///     println!("{}: up {} reads {}", node.node.name(), node.up, node.eligible_for_reads);
+/// }
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct NodeHealth {
@@ -119,17 +144,41 @@ impl HealthReport {
     }
 
     /// The primary's health.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let report = cluster.health();
+    /// assert!(report.primary().up);
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn primary(&self) -> &NodeHealth {
         // A report always holds the cluster's primary first.
         &self.nodes[0]
     }
 
     /// The node called `name`.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let report = cluster.health();
+    /// if let Some(replica) = report.node("replica1") {
+    ///     println!("lag {:?}", replica.lag);
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn node(&self, name: &str) -> Option<&NodeHealth> {
         self.nodes.iter().find(|n| n.node.name() == name)
     }
 
     /// Every node's warnings, each prefixed with the node's name.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// for warning in cluster.health().warnings() {
+    ///     eprintln!("{warning}");
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn warnings(&self) -> Vec<String> {
         self.nodes
             .iter()

@@ -54,6 +54,16 @@ pub struct PoolStats {
 
 impl PoolStats {
     /// `in_use_conns / max_conns`, from 0.0 to 1.0.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let stats = cluster.stats();
+    /// let pool = &stats.primary().pool;
+    /// if pool.utilization() > 0.8 {
+    ///     eprintln!("primary pool {:.0} % in use", pool.utilization() * 100.0);
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn utilization(&self) -> f64 {
         if self.max_conns == 0 {
             0.0
@@ -64,6 +74,14 @@ impl PoolStats {
 }
 
 /// One node's snapshot.
+///
+/// ```no_run
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+/// for node in &cluster.stats().nodes {
+///     println!("{}: {} of {} in use", node.node.name(), node.pool.in_use_conns, node.pool.max_conns);
+/// }
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct NodeStats {
@@ -83,6 +101,13 @@ pub struct NodeStats {
 }
 
 /// Every node's snapshot, the primary first.
+///
+/// ```no_run
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+/// let stats = cluster.stats();
+/// println!("{} checkouts, {} in use", stats.total_acquire_count(), stats.total_in_use());
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClusterStats {
@@ -92,27 +117,63 @@ pub struct ClusterStats {
 
 impl ClusterStats {
     /// The primary's snapshot.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// println!("{} connections to the primary", cluster.stats().primary().pool.total_conns);
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn primary(&self) -> &NodeStats {
         // A cluster always has its primary first.
         &self.nodes[0]
     }
 
     /// The replicas' snapshots.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// for replica in cluster.stats().replicas() {
+    ///     println!("{} lag {:?}", replica.node.name(), replica.lag);
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn replicas(&self) -> impl Iterator<Item = &NodeStats> {
         self.nodes.iter().filter(|n| n.node.role() == Role::Replica)
     }
 
     /// The snapshot of the node called `name`.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// if let Some(r) = cluster.stats().node("replica1") {
+    ///     println!("breaker {:?}", r.breaker);
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn node(&self, name: &str) -> Option<&NodeStats> {
         self.nodes.iter().find(|n| n.node.name() == name)
     }
 
     /// Successful checkouts on all nodes together.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let before = cluster.stats().total_acquire_count();
+    /// cluster.execute("SELECT 1", &[])?;
+    /// assert!(cluster.stats().total_acquire_count() > before);
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn total_acquire_count(&self) -> u64 {
         self.nodes.iter().map(|n| n.pool.acquire_count).sum()
     }
 
     /// Connections checked out now, on all nodes together.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// assert_eq!(cluster.stats().total_in_use(), 0);
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn total_in_use(&self) -> u32 {
         self.nodes.iter().map(|n| n.pool.in_use_conns).sum()
     }
