@@ -365,6 +365,7 @@ impl Cluster {
     /// }
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
+    #[must_use]
     pub fn with_timeout(&self, timeout: Duration) -> Cluster {
         Cluster {
             inner: Arc::clone(&self.inner),
@@ -383,6 +384,7 @@ impl Cluster {
     /// once.query("SELECT * FROM one_off_report WHERE day = $1", &[&"2026-11-29"])?;
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
+    #[must_use]
     pub fn with_statement_mode(&self, mode: StatementMode) -> Cluster {
         Cluster {
             inner: Arc::clone(&self.inner),
@@ -805,6 +807,7 @@ impl Cluster {
     /// }
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
+    #[must_use]
     pub fn stats(&self) -> ClusterStats {
         ClusterStats {
             nodes: self.inner.nodes().map(Node::stats).collect(),
@@ -834,6 +837,7 @@ impl Cluster {
     /// let status = if cluster.is_ready() { 200 } else { 503 };
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
+    #[must_use]
     pub fn is_ready(&self) -> bool {
         self.ping_primary(READY_TIMEOUT).is_ok()
     }
@@ -856,6 +860,7 @@ impl Cluster {
 
     /// The cluster's health as the monitor last saw it, with live pool
     /// numbers; no I/O. See [`HealthReport`].
+    #[must_use]
     pub fn health(&self) -> HealthReport {
         let nodes = self
             .inner
@@ -933,6 +938,7 @@ impl Cluster {
     /// assert!(report.drained || report.still_running > 0);
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
+    #[must_use = "the report says whether everything drained in time"]
     pub fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let started = Instant::now();
         let until = started + deadline;

@@ -617,6 +617,7 @@ impl ClusterBuilder {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     #[cfg(feature = "prometheus")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
     pub fn prometheus(mut self, registry: &prometheus::Registry) -> Self {
         self.prometheus = Some(registry.clone());
         self

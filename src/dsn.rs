@@ -801,6 +801,7 @@ fn unterminated(index: usize, key: &str) -> Error {
 ///     "host=db password=<redacted> user=app"
 /// );
 /// ```
+#[must_use]
 pub fn redact_dsn(dsn: &str) -> String {
     let trimmed = dsn.trim();
     let scheme_end = trimmed.find("://").filter(|&end| {
