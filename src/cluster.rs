@@ -611,6 +611,39 @@ impl Cluster {
         })
     }
 
+    /// Streams a query's rows from the primary: read in batches of 1,000
+    /// through a server-side cursor (in a transaction of its own, committed
+    /// when the iterator is dropped), so memory holds one batch whatever the
+    /// result's size. The iterator holds a pooled connection, and counts as
+    /// in flight for `shutdown`, until dropped; each batch's round trip is
+    /// bounded by this handle's deadline; hooks and metrics see the opening
+    /// (the first batch) as `query_iter`. Dropping it early returns the
+    /// connection clean (cursor closed, transaction ended).
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// for row in cluster.query_iter("SELECT id, email FROM users ORDER BY id", &[])? {
+    ///     let row = row?;
+    ///     let (id, email): (i64, String) = (row.get(0), row.get(1));
+    ///     println!("{id} {email}");
+    /// }
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn query_iter(&self, sql: &str, params: Params<'_>) -> Result<crate::RowIter<'_>> {
+        let in_flight = self.enter()?;
+        let deadline = self.deadline();
+        let node = self.primary();
+        hooks::around(
+            &self.inner.hooks,
+            OperationKind::QueryIter,
+            &node.info,
+            sql,
+            params,
+            |_: &crate::RowIter<'_>| None,
+            || crate::RowIter::open(node, in_flight, deadline, sql, params),
+        )
+    }
+
     /// Copies data into a table on the primary: `sql` is a `COPY ... FROM
     /// STDIN` statement, `data` its input in the statement's format (text,
     /// CSV or binary), streamed in 64 KiB chunks. Returns the rows copied.

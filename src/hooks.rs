@@ -48,6 +48,9 @@ pub enum OperationKind {
     CopyIn,
     /// `copy_out` (`COPY ... TO STDOUT`).
     CopyOut,
+    /// `query_iter`: the hooks see its opening (the cursor declared, the
+    /// first batch fetched), not each later batch.
+    QueryIter,
 }
 
 impl OperationKind {
@@ -66,6 +69,7 @@ impl OperationKind {
             OperationKind::WithReplica => "with_replica",
             OperationKind::CopyIn => "copy_in",
             OperationKind::CopyOut => "copy_out",
+            OperationKind::QueryIter => "query_iter",
         }
     }
 
