@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use postgres::Row;
-use postgres::types::ToSql;
 
 use crate::balancer::Balancer;
 use crate::config::{ClusterBuilder, ClusterConfig, ReadFallback};
@@ -22,10 +21,10 @@ use crate::monitor;
 use crate::node::{Node, NodeOptions, Stmt};
 use crate::plans::{self, Capture};
 use crate::shutdown::{InFlight, Lifecycle, ShutdownReport};
-use crate::statements::{Call, Output, StatementMode};
+use crate::ssl_status::{self, SslStatus};
+use crate::statements::{Call, Output, Params, StatementMode};
 use crate::stats::ClusterStats;
 use crate::sync::lock;
-use crate::tls::{self, SslStatus};
 
 /// A probe connection to `node` (see `Cluster::start`), checked for
 /// encryption when `require_tls`.
@@ -35,7 +34,7 @@ fn check_connection(
     require_tls: bool,
 ) -> Result<Connected> {
     let mut probe = connector.connect_probe(monitor::PROBE_TIMEOUT)?;
-    if require_tls && !tls::ssl_status(info, &mut probe.client)?.encrypted {
+    if require_tls && !ssl_status::ssl_status(info, &mut probe.client)?.encrypted {
         return Err(Error::config(format!(
             "require_tls: the connection to {info} is not encrypted"
         )));
@@ -187,8 +186,6 @@ impl std::fmt::Debug for Cluster {
             .finish()
     }
 }
-
-pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 impl Cluster {
     /// A builder for a cluster with a primary and any number of replicas.
@@ -947,7 +944,7 @@ impl Cluster {
             .nodes()
             .map(|node| {
                 let _in_flight = self.enter()?;
-                tls::pooled_ssl_status(node, self.deadline())
+                ssl_status::pooled_ssl_status(node, self.deadline())
             })
             .collect()
     }

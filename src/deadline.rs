@@ -31,8 +31,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use postgres::CancelToken;
 
-use crate::error::NodeInfo;
-use crate::manager::Connector;
+use crate::error::{Error, NodeInfo};
 use crate::socket::{Peer, Snapshot, Socket};
 use crate::sync::lock;
 
@@ -48,13 +47,22 @@ const PENDING: u8 = 0;
 const DONE: u8 = 1;
 const FIRED: u8 = 2;
 
+/// What sends a node's cancel requests (the node's connector: with its TLS
+/// settings, bounded by its connect timeout).
+pub(crate) trait Canceller: Send + Sync + std::fmt::Debug {
+    /// Which node the requests go to.
+    fn node(&self) -> &NodeInfo;
+    /// Sends a cancel request for the statement running under `token`.
+    fn cancel(&self, token: &CancelToken) -> Result<(), Error>;
+}
+
 /// A statement's deadline.
 struct Job {
     at: Instant,
     token: CancelToken,
     /// Sends the cancel request (with the node's TLS settings, bounded by
     /// its connect timeout).
-    connector: Arc<Connector>,
+    connector: Arc<dyn Canceller>,
     state: Arc<AtomicU8>,
     socket: Option<Arc<Socket>>,
 }
@@ -127,7 +135,7 @@ impl Watchdog {
         &self,
         at: Instant,
         token: CancelToken,
-        connector: &Arc<Connector>,
+        connector: &Arc<dyn Canceller>,
         socket: Option<&Arc<Socket>>,
     ) -> Armed {
         let state = Arc::new(AtomicU8::new(PENDING));
@@ -148,7 +156,7 @@ impl Watchdog {
             _ => {
                 log::warn!(
                     "deadline watchdog unavailable; a statement on {} runs without its deadline",
-                    connector.node
+                    connector.node()
                 );
                 Armed(None)
             }
@@ -305,7 +313,7 @@ fn fire(watch: Watch, cancellers: &mut Cancellers) -> Option<(Instant, Watch)> {
             }
             log::debug!(
                 "deadline passed on {}; cancelling the statement",
-                job.connector.node
+                job.connector.node()
             );
             let shut = job.socket.take().map(|socket| {
                 let at = job.at + SHUTDOWN_GRACE;
@@ -313,7 +321,7 @@ fn fire(watch: Watch, cancellers: &mut Cancellers) -> Option<(Instant, Watch)> {
                     at,
                     state: Arc::clone(&job.state),
                     socket,
-                    node: job.connector.node.clone(),
+                    node: job.connector.node().clone(),
                 };
                 (at, shut)
             });
@@ -363,7 +371,7 @@ struct Cancellers(HashMap<String, Sender<Box<Job>>>);
 
 impl Cancellers {
     fn send(&mut self, job: Box<Job>) {
-        let name = job.connector.node.name().to_owned();
+        let name = job.connector.node().name().to_owned();
         if !self.0.contains_key(&name) {
             let (tx, rx) = crossbeam_channel::bounded::<Box<Job>>(CANCEL_QUEUE);
             let spawned = std::thread::Builder::new()
@@ -378,7 +386,7 @@ impl Cancellers {
             if let Err(e) = spawned {
                 log::error!(
                     "cannot start a cancel thread for {}: {e}",
-                    job.connector.node
+                    job.connector.node()
                 );
                 return;
             }
@@ -390,7 +398,7 @@ impl Cancellers {
                 log::warn!(
                     "not cancelling a statement past its deadline on {}: {CANCEL_QUEUE} cancel \
                      requests to it are still waiting (the node does not answer)",
-                    job.connector.node
+                    job.connector.node()
                 );
             }
         }

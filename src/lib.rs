@@ -28,6 +28,7 @@ mod retry;
 mod rows;
 mod shutdown;
 mod socket;
+mod ssl_status;
 mod statements;
 mod stats;
 mod stripes;
@@ -52,9 +53,9 @@ pub use plans::{CapturedPlan, PlanCapture};
 pub use retry::{RetryPolicy, retry};
 pub use rows::RowIter;
 pub use shutdown::ShutdownReport;
+pub use ssl_status::SslStatus;
 pub use statements::StatementMode;
 pub use stats::{ClusterStats, NodeStats, PoolStats};
-pub use tls::SslStatus;
 pub use tx::{Executor, IsolationLevel, Transaction, TransactionOptions};
 
 /// The driver's types that appear in pgxkit's API.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::deadline::Watchdog;
+use crate::deadline::{Canceller, Watchdog};
 use crate::error::{Error, ErrorKind, NodeInfo};
 use crate::hooks::{self, ConnectionEvent, DisconnectReason, Hooks};
 use crate::socket::{Peer, Snapshot, Socket, Sockets};
@@ -168,6 +168,19 @@ impl std::fmt::Debug for Connector {
     }
 }
 
+impl Canceller for Connector {
+    fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// Sends a cancel request for the statement running under `token`,
+    /// bounded like a connect.
+    fn cancel(&self, token: &postgres::CancelToken) -> Result<(), Error> {
+        self.bounded(&self.pg, false, || self.tls.cancel(token))
+            .map(|_| ())
+    }
+}
+
 impl Connector {
     /// Opens one connection (start-up handshake included, bounded by the
     /// connect timeout; twice that when a `prefer` connection falls back to
@@ -186,13 +199,6 @@ impl Connector {
             client: bounded.value,
             socket,
         })
-    }
-
-    /// Sends a cancel request for the statement running under `token`,
-    /// bounded like a connect.
-    pub(crate) fn cancel(&self, token: &postgres::CancelToken) -> Result<(), Error> {
-        self.bounded(&self.pg, false, || self.tls.cancel(token))
-            .map(|_| ())
     }
 
     /// Runs `connect` (what opens one connection to `pg`'s address) through

@@ -13,16 +13,15 @@ use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use crate::affinity::{Parking, Waiting};
 use crate::breaker::{Breaker, BreakerConfig, BreakerState, Outcome, Transition};
-use crate::cluster::Params;
 use crate::config::NodeConfig;
-use crate::deadline::{Armed, Watchdog};
+use crate::deadline::{Armed, Canceller, Watchdog};
 use crate::error::{Error, ErrorKind, NodeInfo, Result, RetryAfter};
 use crate::hooks::OperationKind;
 use crate::hooks::{self, ConnectionEvent, Hooks, NodeEvent};
 use crate::manager::{Conn, ConnectErrorLog, Connector, Manager, PoolShared, ReleaseCounter};
 use crate::plans::Capture;
 use crate::socket::Sockets;
-use crate::statements::{self, Call, Output, StatementMode};
+use crate::statements::{self, Call, Output, Params, StatementMode};
 use crate::stats::{NodeStats, PoolStats};
 use crate::stripes::Striped;
 use crate::sync::lock;
@@ -119,6 +118,8 @@ pub(crate) struct Node {
     pub(crate) info: NodeInfo,
     pool: r2d2::Pool<Manager>,
     connector: Arc<Connector>,
+    /// The same connector, as the deadline watchdog takes it.
+    canceller: Arc<dyn Canceller>,
     shared: Arc<PoolShared>,
     max_conns: u32,
     min_conns: u32,
@@ -321,6 +322,7 @@ impl Node {
         Node {
             info,
             pool: r2d2_pool,
+            canceller: Arc::clone(&connector) as Arc<dyn Canceller>,
             connector,
             shared,
             max_conns: pool.max_conns,
@@ -936,7 +938,7 @@ impl Node {
     fn arm(&self, conn: &Lease<'_>, at: Instant) -> Armed {
         let token = conn.client.cancel_token();
         self.watchdog
-            .arm(at, token, &self.connector, conn.socket.as_ref())
+            .arm(at, token, &self.canceller, conn.socket.as_ref())
     }
 
     /// The error of a statement the watchdog cancelled at its deadline.

@@ -11,6 +11,10 @@ use postgres::error::SqlState;
 use postgres::types::{ToSql, Type};
 use postgres::{Client, Row, Statement};
 
+/// Statement parameters as every call takes them (`$1`, `$2`, ... bound in
+/// order, as in `postgres`).
+pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
 /// How parameterised operations reach the server.
 ///
 /// ```

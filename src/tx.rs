@@ -8,12 +8,13 @@ use std::time::Instant;
 
 use postgres::Row;
 
-use crate::cluster::{Cluster, Params, at_most_one, exactly_one};
+use crate::cluster::{Cluster, at_most_one, exactly_one};
 use crate::error::{Error, ErrorKind, NodeInfo, Result};
 use crate::hooks::{self, OperationKind, TransactionEvent, TransactionOutcome};
 use crate::node::{Lease, Node, Permit};
 use crate::retry::RetryPolicy;
 use crate::shutdown::InFlight;
+use crate::statements::Params;
 use crate::statements::{Call, Output};
 
 /// Isolation levels (PostgreSQL runs `READ UNCOMMITTED` as `READ COMMITTED`).
