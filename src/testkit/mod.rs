@@ -285,19 +285,25 @@ impl LocalCluster {
         Ok(())
     }
 
-    fn add_node(&mut self, name: String, port: u16, runner: &Arc<Runner>) {
+    fn add_node(
+        &mut self,
+        name: String,
+        reservation: TcpListener,
+        runner: &Arc<Runner>,
+    ) -> Result<(), Error> {
         let data_dir = self.dir.path().join(&name);
         let log_path = self.dir.path().join(format!("{name}.log"));
         self.nodes.push(LocalNode::new(
             name,
-            port,
+            reservation,
             data_dir,
             log_path,
             self.dir.path().to_path_buf(),
             self.password.clone(),
             Arc::clone(runner),
             self.timeout,
-        ));
+        )?);
+        Ok(())
     }
 }
 
@@ -532,7 +538,7 @@ impl LocalClusterBuilder {
         })?;
         let runner = Arc::new(Runner::new(bin_dir, dir.path().to_path_buf())?);
         runner.hand_over(dir.path())?;
-        let ports = self.ports()?;
+        let mut ports = self.ports()?.into_iter();
         let tls = if self.tls || self.client_cert_auth {
             let files = certs::generate(&dir.path().join("tls"))?;
             for file in [&files.server_cert, &files.server_key, &files.ca_cert] {
@@ -549,7 +555,7 @@ impl LocalClusterBuilder {
         });
         let mut cluster = LocalCluster {
             proxies: Vec::new(),
-            nodes: Vec::with_capacity(ports.len()),
+            nodes: Vec::with_capacity(self.replicas + 1),
             dir,
             timeout: self.timeout,
             tls,
@@ -557,7 +563,10 @@ impl LocalClusterBuilder {
             runner: Arc::clone(&runner),
         };
 
-        cluster.add_node("primary".to_owned(), ports[0], &runner);
+        let first = ports
+            .next()
+            .ok_or_else(|| Error::new("choose ports", "no port"))?;
+        cluster.add_node("primary".to_owned(), first, &runner)?;
         let primary = cluster.primary();
         let data_dir = primary.data_dir().to_string_lossy().into_owned();
         let mut initdb_args = vec![
@@ -601,9 +610,10 @@ impl LocalClusterBuilder {
         self.write_hba(primary)?;
         primary.start()?;
 
-        for (i, port) in ports.iter().enumerate().skip(1) {
+        for (i, reservation) in ports.enumerate() {
+            let i = i + 1;
             let primary_port = cluster.primary().port().to_string();
-            cluster.add_node(format!("replica{i}"), *port, &runner);
+            cluster.add_node(format!("replica{i}"), reservation, &runner)?;
             let replica = &cluster.nodes[i];
             let data_dir = replica.data_dir().to_string_lossy().into_owned();
             runner
@@ -662,9 +672,11 @@ impl LocalClusterBuilder {
             .map_err(|e| node.error("configure", format!("cannot write {}: {e}", path.display())))
     }
 
-    /// One free loopback port per node; the primary's may be given.
-    fn ports(&self) -> Result<Vec<u16>, Error> {
-        // Hold every listener until all are chosen so no two nodes share one.
+    /// One free loopback port per node, each held by a listener until its
+    /// server starts; the primary's may be given.
+    fn ports(&self) -> Result<Vec<TcpListener>, Error> {
+        // Each listener is held until its server starts, so no two nodes (and
+        // no other process's kit, which cannot bind it meanwhile) share one.
         let mut listeners = Vec::with_capacity(self.replicas + 1);
         if let Some(port) = self.port {
             let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map_err(|e| {
@@ -679,11 +691,7 @@ impl LocalClusterBuilder {
         while listeners.len() < self.replicas + 1 {
             listeners.push(free_port("choose ports")?);
         }
-        listeners
-            .iter()
-            .map(|l| l.local_addr().map(|a| a.port()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| Error::new("choose ports", e.to_string()))
+        Ok(listeners)
     }
 
     fn write_settings(&self, node: &LocalNode, tls: &Option<TlsFiles>) -> Result<(), Error> {

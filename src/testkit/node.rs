@@ -41,21 +41,29 @@ pub struct LocalNode {
     postmaster: Mutex<Option<Child>>,
     /// Set by [`freeze`](LocalNode::freeze) until [`thaw`](LocalNode::thaw).
     frozen: AtomicBool,
+    /// A listener holding the port from when it was chosen until the server
+    /// first starts, so no other process's kit can choose it meanwhile
+    /// (initdb and pg_basebackup take seconds).
+    reservation: Mutex<Option<std::net::TcpListener>>,
 }
 
 impl LocalNode {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         name: String,
-        port: u16,
+        reservation: std::net::TcpListener,
         data_dir: PathBuf,
         log_path: PathBuf,
         socket_dir: PathBuf,
         password: Option<String>,
         runner: Arc<Runner>,
         timeout: Duration,
-    ) -> Self {
-        LocalNode {
+    ) -> Result<Self, Error> {
+        let port = reservation
+            .local_addr()
+            .map_err(|e| Error::new("choose ports", e.to_string()).on_node(&name))?
+            .port();
+        Ok(LocalNode {
             name,
             port,
             data_dir,
@@ -66,7 +74,8 @@ impl LocalNode {
             timeout,
             postmaster: Mutex::new(None),
             frozen: AtomicBool::new(false),
-        }
+            reservation: Mutex::new(Some(reservation)),
+        })
     }
 
     /// The node's name: `primary`, `replica1`, `replica2`, ...
@@ -224,6 +233,13 @@ impl LocalNode {
         let port = self.port.to_string();
         let data_dir = self.data_dir.to_string_lossy();
         let cluster_name = format!("cluster_name=pgxkit-{}", self.name);
+        // The port is free from here until the server binds it.
+        drop(
+            self.reservation
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
         let child = self
             .runner
             .command("postgres", &self.log_path)
