@@ -16,14 +16,14 @@
 //!   (what a user writes without us; it pings on every checkout);
 //! - `pgxkit`: a `Cluster` with default settings (max_conns 8), primary;
 //! - `pgxkit+hook`: the same with one trivial `after_operation` hook;
-//! - `pgxkit-reads`: `read_query_one` over two replicas (default
+//! - `pgxkit-reads`: `replica().query_one` over two replicas (default
 //!   `ReadBalance::PerThread`);
 //! - `pgxkit-reads-percall`: the same with `ReadBalance::PerCall`;
-//! - `pgxkit-read1`: `read_query_one` with one replica configured (reads
+//! - `pgxkit-read1`: `replica().query_one` with one replica configured (reads
 //!   from one node; the other replica still runs, so both layouts have the
 //!   same server processes);
 //! - `pgxkit-pinned`: each thread holds one pgxkit pooled connection for the
-//!   whole run (`with_primary`) and uses it exactly as `prepared` does: the
+//!   whole run (`with_client`) and uses it exactly as `prepared` does: the
 //!   difference to `prepared` is the connection and the process, the
 //!   difference to `pgxkit` is pgxkit's per-query path;
 //! - `pgbench`: `pgbench -M prepared` with the same query (libpq's ceiling).
@@ -35,7 +35,7 @@
 //! client's cost is its own or the server's.
 //!
 //! `--checkout`: checkouts per second with no statement (pgxkit's
-//! `with_primary` with an empty closure against r2d2's `get` without its
+//! `with_client` with an empty closure against r2d2's `get` without its
 //! ping), to see the pool's own overhead and how it scales with threads.
 //!
 //! `--warmup SECS` (default 1): each thread of a cell runs queries this long
@@ -495,7 +495,7 @@ fn main() -> Result<(), AnyError> {
 
 /// `--checkout`: the pool alone, no statement: each thread checks a
 /// connection out and gives it back, as fast as it can. pgxkit
-/// (`with_primary` with an empty closure: in-flight count, breaker,
+/// (`with_client` with an empty closure: in-flight count, breaker,
 /// checkout, return) against raw r2d2 (`get` and drop, without its
 /// checkout ping, so both do no round trip), medians over
 /// `rounds`, and the ratio per round.
@@ -526,7 +526,9 @@ fn checkout_only(
                 .max_conns(8)
                 .build()?;
             let b = spin(t, dur, move || {
-                cluster.with_primary(|_| Ok(())).map_err(Into::into)
+                cluster
+                    .with_client(|_| Ok::<_, pgxkit::Error>(()))
+                    .map_err(Into::into)
             })?;
             raw.push(a);
             ours.push(b);
@@ -664,7 +666,7 @@ fn run(
                 if client == Client::PgxkitPinned {
                     let cluster = cluster.as_ref().ok_or("no cluster")?;
                     let mut lat = None;
-                    cluster.with_primary(|c| {
+                    cluster.with_client(|c| -> pgxkit::Result<_> {
                         let stmt = c.prepare(sql)?;
                         lat = Some(measure(&start, dur, first_id, &mut |id| {
                             c.query_one(&stmt, &[&id])?;
@@ -672,7 +674,7 @@ fn run(
                         }));
                         Ok(())
                     })?;
-                    return lat.ok_or("with_primary did not run")?;
+                    return lat.ok_or("with_client did not run")?;
                 }
                 let mut one = |id: i32| -> Result<(), AnyError> {
                     match client {
@@ -694,7 +696,8 @@ fn run(
                             cluster
                                 .as_ref()
                                 .ok_or("no cluster")?
-                                .read_query_one(sql, &[&id])?;
+                                .replica()
+                                .query_one(sql, &[&id])?;
                         }
                         Client::PgxkitPinned | Client::Pgbench => {}
                     }
@@ -903,7 +906,7 @@ fn loop_for_callgrind(client: &str, n: u32) -> Result<(), AnyError> {
                 .primary(dsn)
                 .health_check_period(Duration::from_secs(86_400))
                 .build()?;
-            cluster.with_primary(|c| {
+            cluster.with_client(|c| -> pgxkit::Result<_> {
                 let stmt = c.prepare("SELECT $1::int")?;
                 for i in 0..n as i32 {
                     c.query_one(&stmt, &[&i])?;

@@ -58,7 +58,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !cluster
-            .read_query_opt("SELECT 1 FROM quickstart_users HAVING count(*) = 5", &[])
+            .replica()
+            .query_opt("SELECT 1 FROM quickstart_users HAVING count(*) = 5", &[])
             .is_ok_and(|row| row.is_some())
         {
             if Instant::now() > deadline {
@@ -68,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let read_port = |cluster: &Cluster| -> Result<i32, pgxkit::Error> {
-        let row = cluster.read_query_one(
+        let row = cluster.replica().query_one(
             "SELECT inet_server_port(), count(*) FROM quickstart_users",
             &[],
         )?;

@@ -15,11 +15,13 @@ use crate::config::{ClusterBuilder, ClusterConfig, ReadFallback};
 use crate::deadline::Watchdog;
 use crate::error::{Error, ErrorKind, NodeInfo, Result, Role};
 use crate::health::{self, HealthReport, NodeHealth};
-use crate::hooks::{self, Hooks, OperationKind, ShutdownEvent};
+use crate::hooks::{self, Hooks, Op, OperationKind, ShutdownEvent};
 use crate::manager::{Connected, Connector};
 use crate::monitor;
 use crate::node::{Node, NodeOptions, Stmt};
 use crate::plans::{self, Capture};
+use crate::replica::ReplicaHandle;
+use crate::rows::RowIter;
 use crate::shutdown::{InFlight, Lifecycle, ShutdownReport};
 use crate::ssl_status::{self, SslStatus};
 use crate::statements::{Call, Output, Params, StatementMode};
@@ -112,13 +114,13 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// A primary and its read replicas behind one thread-safe handle.
 ///
 /// `Cluster` is `Clone + Send + Sync`: clones share the same pools, so clone
-/// it into every thread. Writes and every operation not marked as a read
-/// (`execute`, `query`, `query_one`, `query_opt`, `batch_execute`,
-/// `with_primary`, transactions) go to the primary; the `read_*` family,
-/// `with_replica` and `read_transaction` go to the eligible replicas (each
-/// thread stays on one, the threads spread round-robin; see
+/// it into every thread. Everything on the `Cluster` itself goes to the
+/// primary (writes, queries, `with_client`, transactions); reads go to the
+/// eligible replicas only through the read handle, [`replica`](Self::replica)
+/// (each thread stays on one, the threads spread round-robin; see
 /// [`ReadBalance`](crate::ReadBalance)), and to the primary when there are
-/// none.
+/// none. [`Reads`](crate::Reads) and [`Writes`](crate::Writes) let generic
+/// code take either side, or a transaction.
 ///
 /// Every method blocks the calling thread: first to check out a connection
 /// (bounded by [`checkout_timeout`](ClusterBuilder::checkout_timeout)), then
@@ -135,7 +137,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 ///     .replica("postgres://app@db-replica-1/app")
 ///     .build()?;
 /// cluster.execute("INSERT INTO users (name) VALUES ($1)", &[&"ada"])?;
-/// let n: i64 = cluster.read_query_one("SELECT count(*) FROM users", &[])?.get(0);
+/// let n: i64 = cluster.replica().query_one("SELECT count(*) FROM users", &[])?.get(0);
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -444,44 +446,52 @@ impl Cluster {
 
     /// An operation on the primary: counted in flight, between the hooks,
     /// bounded by this handle's deadline.
-    fn on_primary<T>(
-        &self,
+    fn on_primary<'s, T>(
+        &'s self,
         kind: OperationKind,
         sql: &str,
         params: Params<'_>,
         rows: impl Fn(&T) -> Option<u64>,
-        op: impl FnOnce(&Node, Option<Instant>) -> Result<T>,
+        op: impl FnOnce(&'s Node, Option<Instant>) -> Result<T>,
     ) -> Result<T> {
         let _in_flight = self.enter()?;
         let deadline = self.deadline();
         let node = self.primary();
-        hooks::around(
-            &self.inner.hooks,
+        let what = Op {
             kind,
-            &node.info,
+            route: Role::Primary,
+            node: &node.info,
             sql,
             params,
-            rows,
-            || op(node, deadline),
-        )
+        };
+        hooks::around(&self.inner.hooks, what, rows, hooks::itself, || {
+            op(node, deadline)
+        })
     }
 
     /// A read on the next eligible node; if that fails at the connection
     /// level (the whole result is lost, no row was returned), it runs once
     /// more on another eligible node, within the same deadline.
-    fn read<T>(
-        &self,
+    pub(crate) fn read<'s, T>(
+        &'s self,
         kind: OperationKind,
         sql: &str,
         params: Params<'_>,
         rows: impl Fn(&T) -> Option<u64>,
-        op: impl Fn(&Node, Option<Instant>) -> Result<T>,
+        op: impl Fn(&'s Node, Option<Instant>) -> Result<T>,
     ) -> Result<T> {
         let _in_flight = self.enter()?;
         let deadline = self.deadline();
         let hooks = &*self.inner.hooks;
+        let what = |node: &'s Node| Op {
+            kind,
+            route: Role::Replica,
+            node: &node.info,
+            sql,
+            params,
+        };
         let first = self.reader(None)?;
-        match hooks::around(hooks, kind, &first.info, sql, params, &rows, || {
+        match hooks::around(hooks, what(first), &rows, hooks::itself, || {
             op(first, deadline)
         }) {
             Err(e) if e.is_connection_error() => {
@@ -490,7 +500,7 @@ impl Cluster {
                     _ => return Err(e),
                 };
                 log::warn!("read failed on {}, trying {}: {e}", first.info, second.info);
-                hooks::around(hooks, kind, &second.info, sql, params, &rows, || {
+                hooks::around(hooks, what(second), &rows, hooks::itself, || {
                     op(second, deadline)
                 })
             }
@@ -502,7 +512,7 @@ impl Cluster {
     /// cluster's plan capture.
     pub(crate) fn stmt<'a>(
         &'a self,
-        kind: OperationKind,
+        (kind, route): (OperationKind, Role),
         sql: &'a str,
         params: Params<'a>,
         call: Call,
@@ -510,6 +520,7 @@ impl Cluster {
         Stmt {
             mode: self.mode(),
             kind,
+            route,
             sql,
             params,
             call,
@@ -517,17 +528,71 @@ impl Cluster {
         }
     }
 
-    /// Runs a parameterised statement on `node` in this handle's statement mode.
-    fn statement(
+    /// One parameterised statement routed as `route` says: to the primary,
+    /// or (through [`read`](Self::read)) to an eligible replica; `done`
+    /// turns its output into the caller's result.
+    #[inline]
+    pub(crate) fn routed<T>(
         &self,
-        kind: OperationKind,
-        node: &Node,
-        deadline: Option<Instant>,
+        (kind, route): (OperationKind, Role),
         sql: &str,
         params: Params<'_>,
         call: Call,
-    ) -> Result<Output> {
-        node.run_statement(deadline, &self.stmt(kind, sql, params, call))
+        rows: impl Fn(&T) -> Option<u64>,
+        done: impl Fn(Output, &Node) -> Result<T>,
+    ) -> Result<T> {
+        let op = |node: &Node, deadline| {
+            let stmt = self.stmt((kind, route), sql, params, call);
+            node.run_statement(deadline, &stmt)
+                .and_then(|out| done(out, node))
+        };
+        match route {
+            Role::Primary => self.on_primary(kind, sql, params, rows, op),
+            Role::Replica => self.read(kind, sql, params, rows, op),
+        }
+    }
+
+    /// A streamed query routed as `route` says.
+    pub(crate) fn routed_iter<'s>(
+        &'s self,
+        route: Role,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<RowIter<'s>> {
+        let open =
+            |node: &'s Node, deadline| RowIter::open(node, self.enter()?, deadline, sql, params);
+        let kind = OperationKind::QueryIter;
+        let rows = |_: &RowIter<'_>| None;
+        match route {
+            Role::Primary => self.on_primary(kind, sql, params, rows, open),
+            Role::Replica => self.read(kind, sql, params, rows, open),
+        }
+    }
+
+    /// A caller's closure on a pooled connection of `node`, between the
+    /// hooks, bounded by this handle's deadline.
+    pub(crate) fn lend<T, E: From<Error>>(
+        &self,
+        route: Role,
+        node: &Node,
+        f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let _in_flight = self.enter()?;
+        let deadline = self.deadline();
+        let what = Op {
+            kind: OperationKind::WithClient,
+            route,
+            node: &node.info,
+            sql: "",
+            params: &[],
+        };
+        hooks::around(
+            &self.inner.hooks,
+            what,
+            |_| None,
+            hooks::opaque,
+            || node.lend(deadline, f),
+        )
     }
 
     /// Runs a statement on the primary and returns the number of rows it
@@ -539,17 +604,8 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        let kind = OperationKind::Execute;
-        self.on_primary(
-            kind,
-            sql,
-            params,
-            |n| Some(*n),
-            |node, deadline| {
-                self.statement(kind, node, deadline, sql, params, Call::Execute)
-                    .map(Output::count)
-            },
-        )
+        let kind = (OperationKind::Execute, Role::Primary);
+        self.routed(kind, sql, params, Call::Execute, |n| Some(*n), count)
     }
 
     /// Runs a query on the primary and returns all rows.
@@ -562,11 +618,8 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        let kind = OperationKind::Query;
-        self.on_primary(kind, sql, params, row_count, |node, deadline| {
-            self.statement(kind, node, deadline, sql, params, Call::Query)
-                .map(Output::rows)
-        })
+        let kind = (OperationKind::Query, Role::Primary);
+        self.routed(kind, sql, params, Call::Query, row_count, all_rows)
     }
 
     /// Runs a query on the primary that must return exactly one row:
@@ -578,17 +631,8 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        let kind = OperationKind::QueryOne;
-        self.on_primary(
-            kind,
-            sql,
-            params,
-            |_| Some(1),
-            |node, deadline| {
-                self.statement(kind, node, deadline, sql, params, Call::QueryOpt)
-                    .and_then(|out| exactly_one(out, node))
-            },
-        )
+        let kind = (OperationKind::QueryOne, Role::Primary);
+        self.routed(kind, sql, params, Call::QueryOpt, |_| Some(1), exactly_one)
     }
 
     /// Runs a query on the primary that returns at most one row.
@@ -601,11 +645,8 @@ impl Cluster {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        let kind = OperationKind::QueryOpt;
-        self.on_primary(kind, sql, params, opt_count, |node, deadline| {
-            self.statement(kind, node, deadline, sql, params, Call::QueryOpt)
-                .and_then(|out| at_most_one(out, node))
-        })
+        let kind = (OperationKind::QueryOpt, Role::Primary);
+        self.routed(kind, sql, params, Call::QueryOpt, opt_count, at_most_one)
     }
 
     /// Streams a query's rows from the primary: read in batches of 1,000
@@ -626,19 +667,8 @@ impl Cluster {
     /// }
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
-    pub fn query_iter(&self, sql: &str, params: Params<'_>) -> Result<crate::RowIter<'_>> {
-        let in_flight = self.enter()?;
-        let deadline = self.deadline();
-        let node = self.primary();
-        hooks::around(
-            &self.inner.hooks,
-            OperationKind::QueryIter,
-            &node.info,
-            sql,
-            params,
-            |_: &crate::RowIter<'_>| None,
-            || crate::RowIter::open(node, in_flight, deadline, sql, params),
-        )
+    pub fn query_iter(&self, sql: &str, params: Params<'_>) -> Result<RowIter<'_>> {
+        self.routed_iter(Role::Primary, sql, params)
     }
 
     /// Copies data into a table on the primary: `sql` is a `COPY ... FROM
@@ -719,112 +749,49 @@ impl Cluster {
         )
     }
 
-    /// Runs a query on a replica (this thread's, see
-    /// [`ReadBalance`](crate::ReadBalance)) and returns all rows.
-    /// With no replica up, it runs on the primary.
-    ///
-    /// ```no_run
-    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-    /// let rows = cluster.read_query("SELECT id, name FROM users", &[])?;
-    /// # Ok::<(), pgxkit::Error>(())
-    /// ```
-    pub fn read_query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        let kind = OperationKind::ReadQuery;
-        self.read(kind, sql, params, row_count, |node, deadline| {
-            self.statement(kind, node, deadline, sql, params, Call::Query)
-                .map(Output::rows)
-        })
-    }
-
-    /// [`read_query`](Self::read_query) that must return exactly one row.
-    ///
-    /// ```no_run
-    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-    /// let n: i64 = cluster.read_query_one("SELECT count(*) FROM users", &[])?.get(0);
-    /// # Ok::<(), pgxkit::Error>(())
-    /// ```
-    pub fn read_query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        let kind = OperationKind::ReadQueryOne;
-        self.read(
-            kind,
-            sql,
-            params,
-            |_| Some(1),
-            |node, deadline| {
-                self.statement(kind, node, deadline, sql, params, Call::QueryOpt)
-                    .and_then(|out| exactly_one(out, node))
-            },
-        )
-    }
-
-    /// [`read_query`](Self::read_query) that returns at most one row.
-    ///
-    /// ```no_run
-    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-    /// let row = cluster.read_query_opt("SELECT name FROM users WHERE id = $1", &[&7i64])?;
-    /// # Ok::<(), pgxkit::Error>(())
-    /// ```
-    pub fn read_query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        let kind = OperationKind::ReadQueryOpt;
-        self.read(kind, sql, params, opt_count, |node, deadline| {
-            self.statement(kind, node, deadline, sql, params, Call::QueryOpt)
-                .and_then(|out| at_most_one(out, node))
-        })
-    }
-
     /// Lends a pooled primary connection for anything the methods above do
-    /// not cover: COPY, streaming with `query_raw`, `Client::transaction()`.
-    /// Leave the connection as you found it: a transaction left open, or a
-    /// `SET` without `RESET`, stays on it for the next user.
+    /// not cover (`query_raw`, `simple_query`, a migration runner that takes
+    /// a `&mut postgres::Client`). The closure returns the caller's own
+    /// error type `E` (any type with `From<pgxkit::Error>`; `pgxkit::Error`
+    /// itself converts the driver's errors, so `?` works on them), which
+    /// comes back unchanged; only when this handle's deadline fired during
+    /// the call is the result [`ErrorKind::Timeout`]. Counted in flight,
+    /// bounded by the deadline, seen by the hooks as `with_client`. Leave
+    /// the connection as you found it: a transaction left open, or a `SET`
+    /// without `RESET`, stays on it for the next user; a connection the
+    /// closure leaves closed is discarded.
     ///
     /// ```no_run
     /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-    /// use std::io::Write;
-    /// cluster.with_primary(|client| {
-    ///     let mut copy = client.copy_in("COPY users (name) FROM STDIN")?;
-    ///     copy.write_all(b"ada\ngrace\n").expect("in-memory write");
-    ///     copy.finish()
+    /// let messages = cluster.with_client(|client| {
+    ///     let rows = client.simple_query("SELECT 1; SELECT 2")?;
+    ///     Ok::<_, pgxkit::Error>(rows.len())
     /// })?;
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
-    pub fn with_primary<T>(
+    pub fn with_client<T, E: From<Error>>(
         &self,
-        f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
-    ) -> Result<T> {
-        self.on_primary(
-            OperationKind::WithPrimary,
-            "",
-            &[],
-            |_| None,
-            |node, deadline| node.run(deadline, f),
-        )
+        f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        self.lend(Role::Primary, self.primary(), f)
     }
 
-    /// Like [`with_primary`](Self::with_primary), on the replica the next
-    /// read would use (not retried elsewhere: the closure may not be
-    /// safe to run twice).
+    /// The read handle: a cheap `Copy` handle whose every call goes to an
+    /// eligible replica (up, allowed by its breaker, within the lag limits;
+    /// each thread stays on one, the threads spread over them, see
+    /// [`ReadBalance`](crate::ReadBalance)), with the fallback policy's
+    /// answer when none is (the primary by default). It has no `execute`:
+    /// writes go through the `Cluster` itself. It keeps this handle's
+    /// deadline and statement mode.
     ///
     /// ```no_run
     /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-    /// let port: i32 = cluster.with_replica(|c| c.query_one("SELECT inet_server_port()", &[]))?.get(0);
+    /// let replica = cluster.replica();
+    /// let n: i64 = replica.query_one("SELECT count(*) FROM users", &[])?.get(0);
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
-    pub fn with_replica<T>(
-        &self,
-        f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
-    ) -> Result<T> {
-        let _in_flight = self.enter()?;
-        let deadline = self.deadline();
-        let node = self.reader(None)?;
-        hooks::around(
-            &self.inner.hooks,
-            OperationKind::WithReplica,
-            &node.info,
-            "",
-            &[],
-            |_| None,
-            || node.run(deadline, f),
-        )
+    pub fn replica(&self) -> ReplicaHandle<'_> {
+        ReplicaHandle::new(self)
     }
 
     /// A snapshot of every node's pool. Takes each pool's lock briefly; the
@@ -1022,12 +989,20 @@ fn join_until(thread: JoinHandle<()>, until: Instant) {
 
 // `&Vec` because the row counter takes the operation's own result type by reference.
 #[allow(clippy::ptr_arg)]
-fn row_count(rows: &Vec<Row>) -> Option<u64> {
+pub(crate) fn row_count(rows: &Vec<Row>) -> Option<u64> {
     Some(rows.len() as u64)
 }
 
-fn opt_count(row: &Option<Row>) -> Option<u64> {
+pub(crate) fn opt_count(row: &Option<Row>) -> Option<u64> {
     Some(u64::from(row.is_some()))
+}
+
+pub(crate) fn count(out: Output, _: &Node) -> Result<u64> {
+    Ok(out.count())
+}
+
+pub(crate) fn all_rows(out: Output, _: &Node) -> Result<Vec<Row>> {
+    Ok(out.rows())
 }
 
 pub(crate) fn exactly_one(out: Output, node: &Node) -> Result<Row> {

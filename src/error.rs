@@ -40,7 +40,7 @@ pub enum ErrorKind {
     /// The connection broke while an operation was running (I/O error,
     /// server closed the connection).
     Closed,
-    /// `query_one` / `read_query_one` found no row.
+    /// `query_one` found no row.
     NotFound,
     /// `query_one` / `query_opt` found more than one row.
     TooManyRows,
@@ -113,18 +113,30 @@ impl ErrorKind {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
-    /// The primary: every write and every operation not marked as a read.
+    /// The primary: every write, and every call not made through the read
+    /// handle ([`Cluster::replica`](crate::Cluster::replica)).
     Primary,
     /// A read replica.
     Replica,
 }
 
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Role {
+    /// `"primary"` or `"replica"`, as in logs and metric labels.
+    ///
+    /// ```
+    /// assert_eq!(pgxkit::Role::Replica.as_str(), "replica");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
             Role::Primary => "primary",
             Role::Replica => "replica",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -633,6 +645,87 @@ impl Error {
     }
 }
 
+/// A driver error met inside a closure (`with_client`), classified as
+/// the crate's own are, so `?` works on the driver's calls there.
+///
+/// ```no_run
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+/// let port: i32 = cluster.with_client(|client| {
+///     let row = client.query_one("SELECT inet_server_port()", &[])?; // postgres::Error -> pgxkit::Error
+///     Ok::<_, pgxkit::Error>(row.get(0))
+/// })?;
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
+impl From<postgres::Error> for Error {
+    fn from(err: postgres::Error) -> Self {
+        Error::new(classify(&err)).with_source(err)
+    }
+}
+
+/// A caller's error type that may hold a [`pgxkit::Error`](Error), so a
+/// retrying transaction can tell whether a failure is worth another run.
+///
+/// Closures given to transactions and `with_client` return the caller's
+/// own error type `E` (with `E: From<pgxkit::Error>`); a retrying
+/// transaction runs again only when [`as_pgxkit_error`](Self::as_pgxkit_error)
+/// returns an error that is retryable. Implemented for `pgxkit::Error`
+/// itself and for boxed errors (whose source chain is searched).
+///
+/// ```
+/// #[derive(Debug)]
+/// enum AppError {
+///     Db(pgxkit::Error),
+///     SoldOut,
+/// }
+/// impl From<pgxkit::Error> for AppError {
+///     fn from(e: pgxkit::Error) -> Self {
+///         AppError::Db(e)
+///     }
+/// }
+/// impl pgxkit::AsPgxkitError for AppError {
+///     fn as_pgxkit_error(&self) -> Option<&pgxkit::Error> {
+///         match self {
+///             AppError::Db(e) => Some(e),
+///             AppError::SoldOut => None,
+///         }
+///     }
+/// }
+/// ```
+pub trait AsPgxkitError {
+    /// The `pgxkit::Error` this error is or wraps, if any.
+    fn as_pgxkit_error(&self) -> Option<&Error>;
+}
+
+impl AsPgxkitError for Error {
+    fn as_pgxkit_error(&self) -> Option<&Error> {
+        Some(self)
+    }
+}
+
+impl AsPgxkitError for Box<dyn StdError + Send + Sync> {
+    fn as_pgxkit_error(&self) -> Option<&Error> {
+        find_in_chain(&**self)
+    }
+}
+
+impl AsPgxkitError for Box<dyn StdError> {
+    fn as_pgxkit_error(&self) -> Option<&Error> {
+        find_in_chain(&**self)
+    }
+}
+
+/// The first `pgxkit::Error` in `err`'s source chain, `err` included.
+fn find_in_chain<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a Error> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<Error>() {
+            return Some(found);
+        }
+        next = e.source();
+    }
+    None
+}
+
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         self.0
@@ -682,6 +775,28 @@ mod tests {
             assert!(!err.is_connection_error(), "{kind:?}");
             assert!(!err.is_retryable(), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn boxed_errors_are_searched_for_a_pgxkit_error() {
+        #[derive(Debug)]
+        struct Outer(Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("outer")
+            }
+        }
+        impl StdError for Outer {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let boxed: Box<dyn StdError + Send + Sync> =
+            Box::new(Outer(Error::new(ErrorKind::PoolTimeout)));
+        let found = boxed.as_pgxkit_error().map(Error::kind);
+        assert_eq!(found, Some(ErrorKind::PoolTimeout));
+        let other: Box<dyn StdError> = "not ours".into();
+        assert!(other.as_pgxkit_error().is_none());
     }
 
     #[test]

@@ -24,26 +24,18 @@ pub type HookResult = std::result::Result<(), Box<dyn std::error::Error + Send +
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum OperationKind {
-    /// `Cluster::execute`.
+    /// `execute`.
     Execute,
-    /// `Cluster::query`.
+    /// `query`.
     Query,
-    /// `Cluster::query_one`.
+    /// `query_one`.
     QueryOne,
-    /// `Cluster::query_opt`.
+    /// `query_opt`.
     QueryOpt,
-    /// `Cluster::batch_execute`.
+    /// `batch_execute`.
     BatchExecute,
-    /// `Cluster::read_query`.
-    ReadQuery,
-    /// `Cluster::read_query_one`.
-    ReadQueryOne,
-    /// `Cluster::read_query_opt`.
-    ReadQueryOpt,
-    /// `Cluster::with_primary` (no SQL is known).
-    WithPrimary,
-    /// `Cluster::with_replica` (no SQL is known).
-    WithReplica,
+    /// `with_client` (no SQL is known).
+    WithClient,
     /// `copy_in` (`COPY ... FROM STDIN`).
     CopyIn,
     /// `copy_out` (`COPY ... TO STDOUT`).
@@ -54,7 +46,11 @@ pub enum OperationKind {
 }
 
 impl OperationKind {
-    /// The snake-case name, as used in logs and metric labels (`read_query_one`).
+    /// The snake-case name, as used in logs and metric labels (`query_one`).
+    ///
+    /// ```
+    /// assert_eq!(pgxkit::OperationKind::QueryOne.as_str(), "query_one");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             OperationKind::Execute => "execute",
@@ -62,26 +58,11 @@ impl OperationKind {
             OperationKind::QueryOne => "query_one",
             OperationKind::QueryOpt => "query_opt",
             OperationKind::BatchExecute => "batch_execute",
-            OperationKind::ReadQuery => "read_query",
-            OperationKind::ReadQueryOne => "read_query_one",
-            OperationKind::ReadQueryOpt => "read_query_opt",
-            OperationKind::WithPrimary => "with_primary",
-            OperationKind::WithReplica => "with_replica",
+            OperationKind::WithClient => "with_client",
             OperationKind::CopyIn => "copy_in",
             OperationKind::CopyOut => "copy_out",
             OperationKind::QueryIter => "query_iter",
         }
-    }
-
-    /// Whether the operation was marked as a read (the `read_*` family and `with_replica`).
-    pub fn is_read(self) -> bool {
-        matches!(
-            self,
-            OperationKind::ReadQuery
-                | OperationKind::ReadQueryOne
-                | OperationKind::ReadQueryOpt
-                | OperationKind::WithReplica
-        )
     }
 }
 
@@ -123,6 +104,7 @@ impl<'a> ParamView<'a> {
 /// ```
 pub struct BeforeOperation<'a> {
     pub(crate) kind: OperationKind,
+    pub(crate) route: Role,
     pub(crate) sql: &'a str,
     pub(crate) node: &'a NodeInfo,
     pub(crate) params: ParamView<'a>,
@@ -133,7 +115,7 @@ impl BeforeOperation<'_> {
     pub fn kind(&self) -> OperationKind {
         self.kind
     }
-    /// The SQL (empty for `with_primary` / `with_replica`).
+    /// The SQL (empty for `with_client`).
     pub fn sql(&self) -> &str {
         self.sql
     }
@@ -144,6 +126,12 @@ impl BeforeOperation<'_> {
     /// The node's role.
     pub fn role(&self) -> Role {
         self.node.role()
+    }
+    /// How the call was routed: [`Role::Replica`] for a call through the
+    /// read handle ([`Cluster::replica`](crate::Cluster::replica)), even
+    /// when it fell back to the primary; [`Role::Primary`] otherwise.
+    pub fn route(&self) -> Role {
+        self.route
     }
     /// How many parameters the statement has.
     pub fn param_count(&self) -> usize {
@@ -159,6 +147,7 @@ impl fmt::Debug for BeforeOperation<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BeforeOperation")
             .field("kind", &self.kind)
+            .field("route", &self.route)
             .field("sql", &self.sql)
             .field("node", &self.node)
             .field("param_count", &self.param_count())
@@ -182,6 +171,7 @@ pub struct AfterOperation<'a> {
     pub(crate) duration: Duration,
     pub(crate) rows: Option<u64>,
     pub(crate) error: Option<&'a Error>,
+    pub(crate) failed: bool,
 }
 
 impl AfterOperation<'_> {
@@ -189,7 +179,7 @@ impl AfterOperation<'_> {
     pub fn kind(&self) -> OperationKind {
         self.before.kind
     }
-    /// The SQL (empty for `with_primary` / `with_replica`).
+    /// The SQL (empty for `with_client`).
     pub fn sql(&self) -> &str {
         self.before.sql
     }
@@ -200,6 +190,10 @@ impl AfterOperation<'_> {
     /// The node's role.
     pub fn role(&self) -> Role {
         self.before.node.role()
+    }
+    /// How the call was routed (see [`BeforeOperation::route`]).
+    pub fn route(&self) -> Role {
+        self.before.route
     }
     /// How many parameters the statement had.
     pub fn param_count(&self) -> usize {
@@ -217,13 +211,14 @@ impl AfterOperation<'_> {
     pub fn rows(&self) -> Option<u64> {
         self.rows
     }
-    /// The operation's error, if it failed.
+    /// The operation's error, if it failed with a `pgxkit::Error`
+    /// (`None` too when a closure returned an error of the caller's own type).
     pub fn error(&self) -> Option<&Error> {
         self.error
     }
     /// Whether it succeeded.
     pub fn is_ok(&self) -> bool {
-        self.error.is_none()
+        !self.failed
     }
 }
 
@@ -231,6 +226,7 @@ impl fmt::Debug for AfterOperation<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AfterOperation")
             .field("kind", &self.kind())
+            .field("route", &self.route())
             .field("sql", &self.sql())
             .field("node", &self.node())
             .field("duration", &self.duration)
@@ -511,21 +507,42 @@ pub fn slow_query_log(
     }
 }
 
+/// What an operation is, for its hooks: the kind, how it was routed, the
+/// node it runs on, its SQL and parameters.
+#[derive(Clone, Copy)]
+pub(crate) struct Op<'a> {
+    pub(crate) kind: OperationKind,
+    pub(crate) route: Role,
+    pub(crate) node: &'a NodeInfo,
+    pub(crate) sql: &'a str,
+    pub(crate) params: &'a [&'a (dyn ToSql + Sync)],
+}
+
+/// The `pgxkit::Error` of an operation's own result.
+pub(crate) fn itself(e: &Error) -> Option<&Error> {
+    Some(e)
+}
+
+/// A caller's error type, opaque to the hooks.
+pub(crate) fn opaque<E>(_: &E) -> Option<&Error> {
+    None
+}
+
 /// Runs `op` between the operation hooks of `hooks`. With none registered
-/// it is a plain call: no clock reading, no event built.
-pub(crate) fn around<T>(
+/// it is a plain call: no clock reading, no event built. `error_of` finds
+/// the `pgxkit::Error` in a failure, for the after-hooks.
+#[inline]
+pub(crate) fn around<T, E: From<Error>>(
     hooks: &Hooks,
-    kind: OperationKind,
-    node: &NodeInfo,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
+    what: Op<'_>,
     rows: impl Fn(&T) -> Option<u64>,
-    op: impl FnOnce() -> Result<T, Error>,
-) -> Result<T, Error> {
+    error_of: impl Fn(&E) -> Option<&Error>,
+    op: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
     if !hooks.wraps_operations() {
         return op();
     }
-    hooked(hooks, kind, node, sql, params, rows, op)
+    hooked(hooks, what, rows, error_of, op)
 }
 
 /// [`around`] with hooks registered: out of line, so an operation without
@@ -533,25 +550,25 @@ pub(crate) fn around<T>(
 /// instruction cache.
 #[cold]
 #[inline(never)]
-fn hooked<T>(
+fn hooked<T, E: From<Error>>(
     hooks: &Hooks,
-    kind: OperationKind,
-    node: &NodeInfo,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
+    what: Op<'_>,
     rows: impl Fn(&T) -> Option<u64>,
-    op: impl FnOnce() -> Result<T, Error>,
-) -> Result<T, Error> {
+    error_of: impl Fn(&E) -> Option<&Error>,
+    op: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    let node = what.node;
     let before = BeforeOperation {
-        kind,
-        sql,
+        kind: what.kind,
+        route: what.route,
+        sql: what.sql,
         node,
-        params: ParamView::new(params, hooks.log_parameters),
+        params: ParamView::new(what.params, hooks.log_parameters),
     };
     run(&hooks.before_operation, "before_operation", |hook| {
         hook(&before)
     })
-    .map_err(|e| e.with_node(node))?;
+    .map_err(|e| E::from(e.with_node(node)))?;
     let started = std::time::Instant::now();
     let result = op();
     if hooks.after_operation.is_empty() {
@@ -561,13 +578,14 @@ fn hooked<T>(
         before,
         duration: started.elapsed(),
         rows: result.as_ref().ok().and_then(&rows),
-        error: result.as_ref().err(),
+        error: result.as_ref().err().and_then(&error_of),
+        failed: result.is_err(),
     };
     let verdict = run(&hooks.after_operation, "after_operation", |hook| {
         hook(&after)
     });
     match verdict {
-        Err(e) if result.is_ok() => Err(e.with_node(node)),
+        Err(e) if result.is_ok() => Err(E::from(e.with_node(node))),
         Err(e) => {
             log::warn!("{e} (after a failed operation, whose error is returned)");
             result

@@ -4,6 +4,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 mod affinity;
+mod api;
 mod balancer;
 mod breaker;
 mod cluster;
@@ -24,6 +25,7 @@ mod monitor;
 mod node;
 mod pgpass;
 mod plans;
+mod replica;
 mod retry;
 mod rows;
 mod shutdown;
@@ -40,23 +42,25 @@ mod tx;
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 
+pub use api::{Reads, Writes};
 pub use balancer::ReadBalance;
 pub use breaker::BreakerState;
 pub use cluster::Cluster;
 pub use config::{ClusterBuilder, ReadFallback};
 pub use dsn::{SslMode, parse_duration, redact_dsn};
 pub use env::{dsn_from_env, dsn_from_env_with};
-pub use error::{Error, ErrorKind, NodeInfo, Result, Role};
+pub use error::{AsPgxkitError, Error, ErrorKind, NodeInfo, Result, Role};
 pub use health::{HealthReport, HealthStatus, NodeHealth};
 pub use hooks::{AfterOperation, BeforeOperation, HookResult, OperationKind};
 pub use plans::{CapturedPlan, PlanCapture};
+pub use replica::ReplicaHandle;
 pub use retry::{RetryPolicy, retry};
 pub use rows::RowIter;
 pub use shutdown::ShutdownReport;
 pub use ssl_status::SslStatus;
 pub use statements::StatementMode;
 pub use stats::{ClusterStats, NodeStats, PoolStats};
-pub use tx::{Executor, IsolationLevel, Transaction, TransactionOptions};
+pub use tx::{IsolationLevel, RetryingTransaction, Transaction, TransactionBuilder};
 
 /// The driver's types that appear in pgxkit's API.
 pub use postgres::{self, Row, types::ToSql};

@@ -3,8 +3,8 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `pgxkit_queries_total` | counter | `operation`, `status` (`success`/`error`) |
-//! | `pgxkit_query_duration_seconds` | histogram, buckets 1 ms × 2ⁿ, 20 of them | `operation`, `status` |
+//! | `pgxkit_queries_total` | counter | `operation`, `route` (`primary`/`replica`: the handle the call came through), `status` (`success`/`error`) |
+//! | `pgxkit_query_duration_seconds` | histogram, buckets 1 ms × 2ⁿ, 20 of them | `operation`, `route`, `status` |
 //! | `pgxkit_checkout_wait_seconds` | histogram, same buckets | `node` |
 //! | `pgxkit_connections` | gauge | `node`, `role`, `state` (`acquired`, `idle`, `total`, `max`) |
 //! | `pgxkit_node_up` | gauge (1/0) | `node`, `role` |
@@ -52,7 +52,7 @@ impl OperationMetrics {
                 "pgxkit_queries_total",
                 "Operations run, by operation and status.",
             ),
-            &["operation", "status"],
+            &["operation", "route", "status"],
         )
         .map_err(prom_error)?;
         let durations = HistogramVec::new(
@@ -61,7 +61,7 @@ impl OperationMetrics {
                 "Operation duration, checkout included.",
             )
             .buckets(buckets()),
-            &["operation", "status"],
+            &["operation", "route", "status"],
         )
         .map_err(prom_error)?;
         let checkout_wait = HistogramVec::new(
@@ -82,7 +82,7 @@ impl OperationMetrics {
         let m = Arc::clone(&metrics);
         hooks.after_operation.push(Arc::new(move |op| {
             let status = if op.is_ok() { "success" } else { "error" };
-            let labels = [op.kind().as_str(), status];
+            let labels = [op.kind().as_str(), op.route().as_str(), status];
             m.queries.with_label_values(&labels).inc();
             m.durations
                 .with_label_values(&labels)

@@ -15,7 +15,7 @@ use crate::affinity::{Parking, Waiting};
 use crate::breaker::{Breaker, BreakerConfig, BreakerState, Outcome, Transition};
 use crate::config::NodeConfig;
 use crate::deadline::{Armed, Canceller, Watchdog};
-use crate::error::{Error, ErrorKind, NodeInfo, Result, RetryAfter};
+use crate::error::{Error, ErrorKind, NodeInfo, Result, RetryAfter, Role};
 use crate::hooks::OperationKind;
 use crate::hooks::{self, ConnectionEvent, Hooks, NodeEvent};
 use crate::manager::{Conn, ConnectErrorLog, Connector, Manager, PoolShared, ReleaseCounter};
@@ -70,6 +70,7 @@ struct Hot {
 pub(crate) struct Stmt<'a> {
     pub(crate) mode: StatementMode,
     pub(crate) kind: OperationKind,
+    pub(crate) route: Role,
     pub(crate) sql: &'a str,
     pub(crate) params: &'a [&'a (dyn ToSql + Sync)],
     pub(crate) call: Call,
@@ -864,6 +865,61 @@ impl Node {
         result
     }
 
+    /// Lends a pooled connection to a caller's closure (`with_client`),
+    /// through the breaker and bounded by `deadline`. The closure's error
+    /// comes back unchanged, except after the deadline fired (then it is
+    /// `Timeout`). A connection the closure leaves closed is discarded and
+    /// counts against the breaker.
+    pub(crate) fn lend<T, E: From<Error>>(
+        &self,
+        deadline: Option<Instant>,
+        f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let permit = self.admit()?;
+        let mut conn = match self.checkout_until(deadline) {
+            Ok(conn) => conn,
+            Err(e) => {
+                permit.finish_error(&e);
+                return Err(e.into());
+            }
+        };
+        let result = self.lend_on(&mut conn, deadline, f);
+        if conn.broken {
+            permit.finish_error(&Error::new(ErrorKind::Closed));
+        } else {
+            permit.finish(&Ok(()));
+        }
+        result
+    }
+
+    /// [`lend`](Self::lend) on a connection already checked out (a
+    /// transaction's).
+    pub(crate) fn lend_on<T, E: From<Error>>(
+        &self,
+        conn: &mut Lease<'_>,
+        deadline: Option<Instant>,
+        f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        if conn.client.is_closed() {
+            return Err(self.closed_before_sending(conn).into());
+        }
+        let armed = deadline.map(|at| self.arm(conn, at));
+        let result = f(&mut conn.client);
+        if armed.is_some_and(Armed::disarm) {
+            conn.broken = true;
+            return result.map_err(|_| {
+                Error::new(ErrorKind::Timeout)
+                    .with_node(&self.info)
+                    .with_detail("deadline passed; the statement was cancelled on the server")
+                    .into()
+            });
+        }
+        if conn.client.is_closed() {
+            conn.broken = true;
+        }
+        result
+    }
+
     /// A connection within the checkout timeout, or sooner if `deadline`
     /// comes first (then running out is `Timeout`, not `PoolTimeout`).
     pub(crate) fn checkout_until(&self, deadline: Option<Instant>) -> Result<Lease<'_>> {
@@ -962,6 +1018,7 @@ impl Node {
         let Stmt {
             mode,
             kind,
+            route,
             sql,
             params,
             call,
@@ -985,7 +1042,7 @@ impl Node {
                 };
                 counter.fetch_add(1, Relaxed);
                 if let (Some(capture), Some(started)) = (plans, started) {
-                    self.offer_plan(capture, kind, &statement, sql, params, started);
+                    self.offer_plan(capture, (kind, route), &statement, sql, params, started);
                 }
                 Ok(output)
             }
@@ -1000,7 +1057,7 @@ impl Node {
     fn offer_plan(
         &self,
         capture: &Capture,
-        kind: OperationKind,
+        (kind, route): (OperationKind, Role),
         statement: &postgres::Statement,
         sql: &str,
         params: Params<'_>,
@@ -1008,7 +1065,7 @@ impl Node {
     ) {
         let took = started.elapsed();
         if took > capture.threshold {
-            capture.offer(&self.info, kind, statement, sql, params, took);
+            capture.offer(&self.info, (kind, route), statement, sql, params, took);
         }
     }
 
@@ -1031,7 +1088,7 @@ impl Node {
             let types = statements::infer_types(params).map_err(|n| {
                 Error::new(ErrorKind::Unsupported).with_detail(format!(
                     "cannot tell the type of parameter ${n} for an unnamed statement; \
-                     use with_primary and query_typed"
+                     use with_client and query_typed"
                 ))
             })?;
             return self.guarded(conn, deadline, |client| {
@@ -1048,7 +1105,7 @@ impl Node {
             }),
             Call::Query | Call::QueryOpt => Err(Error::new(ErrorKind::Unsupported).with_detail(
                 "the simple protocol returns text rows, not postgres::Row; \
-                 use with_primary(|c| c.simple_query(..))",
+                 use with_client(|c| c.simple_query(..))",
             )),
         }
     }

@@ -23,7 +23,7 @@ use postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 use postgres::{GenericClient, Statement};
 
 use crate::cluster::Inner;
-use crate::error::NodeInfo;
+use crate::error::{NodeInfo, Role};
 use crate::hooks::{self, OperationKind};
 
 type PlanHandler = Arc<dyn Fn(&CapturedPlan) + Send + Sync>;
@@ -71,7 +71,8 @@ impl PlanCapture {
     }
 
     /// Use `EXPLAIN ANALYZE` (which runs the statement again, read-only and
-    /// rolled back) for operations marked as reads. Defaults to `false`.
+    /// rolled back) for calls through the read handle
+    /// ([`Cluster::replica`](crate::Cluster::replica)). Defaults to `false`.
     pub fn analyze_reads(mut self, yes: bool) -> Self {
         self.analyze_reads = yes;
         self
@@ -101,6 +102,7 @@ impl PlanCapture {
 pub struct CapturedPlan {
     node: NodeInfo,
     kind: OperationKind,
+    route: Role,
     sql: String,
     duration: Duration,
     analyzed: bool,
@@ -115,6 +117,10 @@ impl CapturedPlan {
     /// The operation.
     pub fn kind(&self) -> OperationKind {
         self.kind
+    }
+    /// How it was routed: [`Role::Replica`] through the read handle.
+    pub fn route(&self) -> Role {
+        self.route
     }
     /// The statement.
     pub fn sql(&self) -> &str {
@@ -187,6 +193,7 @@ fn fetch_plan(
 pub(crate) struct Job {
     node: String,
     kind: OperationKind,
+    route: Role,
     sql: String,
     types: Vec<Type>,
     params: Vec<Encoded>,
@@ -227,7 +234,7 @@ impl Capture {
     pub(crate) fn offer(
         &self,
         node: &NodeInfo,
-        kind: OperationKind,
+        (kind, route): (OperationKind, Role),
         statement: &Statement,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
@@ -246,6 +253,7 @@ impl Capture {
         let job = Job {
             node: node.name().to_owned(),
             kind,
+            route,
             sql: sql.to_owned(),
             types,
             params: encoded,
@@ -290,7 +298,7 @@ fn explain(inner: &Inner, job: Job) {
     let Some(node) = inner.nodes().find(|n| n.info.name() == job.node) else {
         return;
     };
-    let analyze = capture.analyze_reads && job.kind.is_read();
+    let analyze = capture.analyze_reads && job.route == Role::Replica;
     let explain_sql = if analyze {
         format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}", job.sql)
     } else {
@@ -316,6 +324,7 @@ fn explain(inner: &Inner, job: Job) {
             let plan = CapturedPlan {
                 node: node.info.clone(),
                 kind: job.kind,
+                route: job.route,
                 sql: job.sql,
                 duration: job.duration,
                 analyzed: analyze,

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use crate::error::{AsPgxkitError, Error, Result};
 
 /// How to retry: up to `max_retries` more attempts after the first, waiting
 /// a random time between zero and `min(max_delay, base_delay × multiplierⁿ)`
@@ -22,7 +22,6 @@ use crate::error::{Error, Result};
 /// let policy = RetryPolicy::default()          // 3 retries, 100 ms base, 1 s cap, ×2
 ///     .max_retries(5)
 ///     .deadline(Duration::from_secs(3));       // all attempts and waits together
-/// assert_eq!(policy.get_max_retries(), 5);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 #[must_use]
@@ -87,11 +86,6 @@ impl RetryPolicy {
         self
     }
 
-    /// The configured number of retries.
-    pub fn get_max_retries(&self) -> u32 {
-        self.max_retries
-    }
-
     /// The wait before retry number `retry` (1-based), given a random
     /// `unit` in `[0, 1)` for the jitter.
     pub(crate) fn backoff(&self, retry: u32, unit: f64) -> Duration {
@@ -109,13 +103,14 @@ impl RetryPolicy {
     }
 
     /// Runs `attempt` until it succeeds, fails with an error that is not
-    /// retryable, runs out of retries, or would pass the deadline. `attempt`
-    /// gets the 0-based attempt number.
-    pub(crate) fn run<T>(
+    /// retryable (a caller's error that holds no `pgxkit::Error` never is),
+    /// runs out of retries, or would pass the deadline. `attempt` gets the
+    /// 0-based attempt number.
+    pub(crate) fn run<T, E: AsPgxkitError>(
         &self,
-        mut attempt: impl FnMut(u32) -> Result<T>,
+        mut attempt: impl FnMut(u32) -> Result<T, E>,
         retryable: impl Fn(&Error) -> bool,
-    ) -> Result<T> {
+    ) -> Result<T, E> {
         let deadline = self.deadline.map(|d| Instant::now() + d);
         let mut n = 0;
         loop {
@@ -123,18 +118,24 @@ impl RetryPolicy {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            if n >= self.max_retries || !retryable(&err) {
+            let Some(cause) = err.as_pgxkit_error().filter(|e| retryable(e)) else {
+                return Err(err);
+            };
+            if n >= self.max_retries {
                 return Err(err);
             }
             n += 1;
             let wait = self.backoff(n, fastrand::f64());
             if let Some(deadline) = deadline {
                 if Instant::now() + wait >= deadline {
-                    log::debug!("not retrying: the retry deadline would pass ({err})");
+                    log::debug!("not retrying: the retry deadline would pass ({cause})");
                     return Err(err);
                 }
             }
-            log::debug!("retry {n} of {} in {wait:?} after: {err}", self.max_retries);
+            log::debug!(
+                "retry {n} of {} in {wait:?} after: {cause}",
+                self.max_retries
+            );
             std::thread::sleep(wait);
         }
     }

@@ -1,31 +1,53 @@
 //! Streaming rows: a query whose result is read in batches through a
 //! server-side cursor, so memory holds one batch whatever the result's size.
 //!
-//! The iterator owns its pooled connection (no borrow of the driver's
-//! client outlives a call), runs `BEGIN`, `DECLARE ... NO SCROLL CURSOR`
-//! and one `FETCH` per [`BATCH`] rows, and on drop closes the cursor and
-//! commits, so the connection goes back clean; if that fails (or a statement
-//! failed on the connection) the connection is discarded instead.
+//! On its own the iterator owns its pooled connection (no borrow of the
+//! driver's client outlives a call), runs `BEGIN`, `DECLARE ... NO SCROLL
+//! CURSOR` and one `FETCH` per [`BATCH`] rows, and on drop closes the
+//! cursor and commits, so the connection goes back clean; if that fails (or
+//! a statement failed on the connection) the connection is discarded
+//! instead. Inside a transaction it declares a cursor of the transaction
+//! and closes it on drop.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
 use postgres::Row;
 
+use crate::error::NodeInfo;
 use crate::error::Result;
 use crate::node::{Lease, Node};
 use crate::shutdown::InFlight;
 
+/// A transaction as its cursors see it (a trait object, so the iterator
+/// need not name the transaction's own lifetime).
+pub(crate) trait InTransaction {
+    /// The transaction's node.
+    fn node_info(&self) -> &NodeInfo;
+    /// One statement of the cursor, bounded by the transaction's deadline,
+    /// its failure booked on the transaction (no hooks).
+    fn cursor_query(&self, sql: &str) -> Result<Vec<Row>>;
+    /// Like `cursor_query`, without rows.
+    fn cursor_execute(&self, sql: &str) -> Result<()>;
+}
+
 /// Rows fetched per round trip.
 pub(crate) const BATCH: usize = 1_000;
 
+/// The cursor of an iterator with a connection of its own.
 const CURSOR: &str = "pgxkit_rows";
 
-/// Rows of [`Cluster::query_iter`](crate::Cluster::query_iter), read as
-/// they are asked for, 1,000 per round trip. Holds a pooled
-/// connection (and counts as in flight for `shutdown`) until dropped; each
-/// round trip is bounded by the handle's deadline. After an error the
-/// iterator ends.
+/// `FETCH` of the next batch from `cursor`.
+pub(crate) fn fetch_sql(cursor: &str) -> String {
+    format!("FETCH FORWARD {BATCH} FROM {cursor}")
+}
+
+/// Rows of a `query_iter` ([`Cluster::query_iter`](crate::Cluster::query_iter),
+/// [`ReplicaHandle::query_iter`](crate::ReplicaHandle::query_iter),
+/// [`Transaction::query_iter`](crate::Transaction::query_iter)), read as they are asked for, 1,000 per
+/// round trip. Holds its connection (and counts as in flight for
+/// `shutdown`) until dropped; each round trip is bounded by the handle's
+/// deadline. After an error the iterator ends.
 ///
 /// ```no_run
 /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
@@ -38,21 +60,39 @@ const CURSOR: &str = "pgxkit_rows";
 /// ```
 #[must_use = "rows are fetched only as the iterator is advanced"]
 pub struct RowIter<'c> {
-    // Dropped in this order: the lease goes back before the in-flight count
-    // ends (see `Drop`).
-    lease: Option<Lease<'c>>,
-    node: &'c Node,
-    deadline: Option<Instant>,
+    source: Source<'c>,
+    fetch: String,
     buffer: VecDeque<Row>,
     /// The cursor is exhausted (or an error ended the iteration).
     done: bool,
-    _in_flight: InFlight<'c>,
+}
+
+/// Where the rows come from.
+enum Source<'c> {
+    /// A pooled connection of the iterator's own, in a transaction of its
+    /// own. Dropped in this order: the lease goes back before the
+    /// in-flight count ends (see `Drop`).
+    Pool {
+        lease: Option<Lease<'c>>,
+        node: &'c Node,
+        deadline: Option<Instant>,
+        _in_flight: InFlight<'c>,
+    },
+    /// A cursor of a caller's transaction.
+    Transaction {
+        tx: &'c dyn InTransaction,
+        cursor: String,
+    },
 }
 
 impl std::fmt::Debug for RowIter<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let node = match &self.source {
+            Source::Pool { node, .. } => &node.info,
+            Source::Transaction { tx, .. } => tx.node_info(),
+        };
         f.debug_struct("RowIter")
-            .field("node", &self.node.info)
+            .field("node", node)
             .field("buffered", &self.buffer.len())
             .field("done", &self.done)
             .finish_non_exhaustive()
@@ -89,28 +129,55 @@ impl<'c> RowIter<'c> {
             return Err(e);
         }
         let mut rows = RowIter {
-            lease: Some(lease),
-            node,
-            deadline,
+            source: Source::Pool {
+                lease: Some(lease),
+                node,
+                deadline,
+                _in_flight: in_flight,
+            },
+            fetch: fetch_sql(CURSOR),
             buffer: VecDeque::new(),
             done: false,
-            _in_flight: in_flight,
         };
         rows.fetch()?;
         Ok(rows)
     }
 
+    /// An iterator over `cursor` of `tx`, already declared, whose first
+    /// batch is `first`.
+    pub(crate) fn in_transaction(
+        tx: &'c dyn InTransaction,
+        cursor: String,
+        first: Vec<Row>,
+    ) -> RowIter<'c> {
+        RowIter {
+            fetch: fetch_sql(&cursor),
+            source: Source::Transaction { tx, cursor },
+            done: first.len() < BATCH,
+            buffer: first.into(),
+        }
+    }
+
     /// One `FETCH` of the next batch.
     fn fetch(&mut self) -> Result<()> {
-        let Some(lease) = self.lease.as_mut() else {
-            self.done = true;
-            return Ok(());
+        let fetch = self.fetch.as_str();
+        let fetched = match &mut self.source {
+            Source::Pool {
+                lease: Some(lease),
+                node,
+                deadline,
+                ..
+            } => {
+                let fetched = node.guarded(lease, *deadline, |c| c.query(fetch, &[]));
+                if fetched.is_err() {
+                    lease.broken = true;
+                }
+                fetched
+            }
+            Source::Pool { lease: None, .. } => Ok(Vec::new()),
+            Source::Transaction { tx, .. } => tx.cursor_query(fetch),
         };
-        let fetch = format!("FETCH FORWARD {BATCH} FROM {CURSOR}");
-        match self
-            .node
-            .guarded(lease, self.deadline, |c| c.query(fetch.as_str(), &[]))
-        {
+        match fetched {
             Ok(rows) => {
                 self.done = rows.len() < BATCH;
                 self.buffer.extend(rows);
@@ -118,7 +185,6 @@ impl<'c> RowIter<'c> {
             }
             Err(e) => {
                 self.done = true;
-                lease.broken = true;
                 Err(e)
             }
         }
@@ -144,19 +210,35 @@ impl Iterator for RowIter<'_> {
 
 impl Drop for RowIter<'_> {
     fn drop(&mut self) {
-        let Some(mut lease) = self.lease.take() else {
-            return;
-        };
-        if lease.broken {
-            return;
-        }
-        // Clean: the cursor closed and the transaction ended, within the
-        // deadline; otherwise the connection is discarded.
-        let closed = self.node.guarded(&mut lease, self.deadline, |c| {
-            c.batch_execute(&format!("CLOSE {CURSOR}; COMMIT"))
-        });
-        if closed.is_err() {
-            lease.broken = true;
+        match &mut self.source {
+            Source::Pool {
+                lease,
+                node,
+                deadline,
+                ..
+            } => {
+                let Some(mut lease) = lease.take() else {
+                    return;
+                };
+                if lease.broken {
+                    return;
+                }
+                // Clean: the cursor closed and the transaction ended, within
+                // the deadline; otherwise the connection is discarded.
+                let closed = node.guarded(&mut lease, *deadline, |c| {
+                    c.batch_execute(&format!("CLOSE {CURSOR}; COMMIT"))
+                });
+                if closed.is_err() {
+                    lease.broken = true;
+                }
+            }
+            Source::Transaction { tx, cursor } => {
+                // A failure is the transaction's to report (it is then
+                // aborted or broken, and its commit says so).
+                if let Err(e) = tx.cursor_execute(&format!("CLOSE {cursor}")) {
+                    log::debug!("closing a cursor of {}: {e}", tx.node_info());
+                }
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Transactions: a guard that commits or rolls back, with options,
-//! savepoints, read-only transactions on replicas, retries, and the
-//! `Executor` trait shared with `Cluster`.
+//! Transactions: a guard that commits or rolls back, the builder that
+//! begins one (options, retries, primary or replica), savepoints and
+//! streaming inside a transaction.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -9,15 +9,22 @@ use std::time::Instant;
 use postgres::Row;
 
 use crate::cluster::{Cluster, at_most_one, exactly_one};
-use crate::error::{Error, ErrorKind, NodeInfo, Result};
-use crate::hooks::{self, OperationKind, TransactionEvent, TransactionOutcome};
+use crate::error::{AsPgxkitError, Error, ErrorKind, NodeInfo, Result, Role};
+use crate::hooks::{self, Op, OperationKind, TransactionEvent, TransactionOutcome};
 use crate::node::{Lease, Node, Permit};
 use crate::retry::RetryPolicy;
+use crate::rows::{self, RowIter};
 use crate::shutdown::InFlight;
 use crate::statements::Params;
 use crate::statements::{Call, Output};
 
 /// Isolation levels (PostgreSQL runs `READ UNCOMMITTED` as `READ COMMITTED`).
+///
+/// ```
+/// use pgxkit::IsolationLevel;
+/// let level = IsolationLevel::Serializable;
+/// assert_ne!(level, IsolationLevel::ReadCommitted);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IsolationLevel {
     /// `READ COMMITTED`, the server's default.
@@ -28,33 +35,74 @@ pub enum IsolationLevel {
     Serializable,
 }
 
-/// How to begin a transaction.
+/// How to begin a transaction, from [`Cluster::build_transaction`] (on the
+/// primary) or [`ReplicaHandle::build_transaction`](crate::ReplicaHandle::build_transaction)
+/// (read-only, on a replica); then [`run`](Self::run) a closure in it, or
+/// [`begin`](Self::begin) it for a guard. [`retry`](Self::retry) makes
+/// `run` run the whole transaction again on a retryable failure.
 ///
+/// ```no_run
+/// use pgxkit::IsolationLevel;
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+/// let total: i64 = cluster
+///     .build_transaction()
+///     .isolation(IsolationLevel::Serializable)
+///     .read_only(true)
+///     .deferrable(true)
+///     .run(|tx| Ok::<_, pgxkit::Error>(tx.query_one("SELECT sum(balance)::int8 FROM accounts", &[])?.get(0)))?;
+/// # Ok::<(), pgxkit::Error>(())
 /// ```
-/// use pgxkit::{IsolationLevel, TransactionOptions};
-/// let opts = TransactionOptions::new().isolation(IsolationLevel::Serializable).read_only(true).deferrable(true);
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[must_use]
-pub struct TransactionOptions {
+#[derive(Clone, Copy)]
+#[must_use = "a transaction builder does nothing until `run` or `begin`"]
+pub struct TransactionBuilder<'c> {
+    cluster: &'c Cluster,
+    on_replica: bool,
     isolation: Option<IsolationLevel>,
     read_only: bool,
     deferrable: bool,
 }
 
-impl TransactionOptions {
-    /// The server's defaults: its default isolation, read-write, not deferrable.
-    pub fn new() -> Self {
-        Self::default()
+impl fmt::Debug for TransactionBuilder<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransactionBuilder")
+            .field("on_replica", &self.on_replica)
+            .field("isolation", &self.isolation)
+            .field("read_only", &self.read_only)
+            .field("deferrable", &self.deferrable)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'c> TransactionBuilder<'c> {
+    pub(crate) fn on_primary(cluster: &'c Cluster) -> Self {
+        TransactionBuilder {
+            cluster,
+            on_replica: false,
+            isolation: None,
+            read_only: false,
+            deferrable: false,
+        }
     }
 
-    /// The isolation level. Defaults to the server's default.
+    pub(crate) fn on_replica(cluster: &'c Cluster) -> Self {
+        TransactionBuilder {
+            cluster,
+            on_replica: true,
+            isolation: Some(IsolationLevel::RepeatableRead),
+            read_only: true,
+            deferrable: false,
+        }
+    }
+
+    /// The isolation level. Defaults to the server's default on the
+    /// primary, `REPEATABLE READ` on a replica.
     pub fn isolation(mut self, level: IsolationLevel) -> Self {
         self.isolation = Some(level);
         self
     }
 
-    /// A read-only transaction: the server rejects any write. Defaults to `false`.
+    /// A read-only transaction: the server rejects any write. Defaults to
+    /// `false` on the primary; always `true` on a replica.
     pub fn read_only(mut self, yes: bool) -> Self {
         self.read_only = yes;
         self
@@ -64,6 +112,76 @@ impl TransactionOptions {
     pub fn deferrable(mut self, yes: bool) -> Self {
         self.deferrable = yes;
         self
+    }
+
+    /// Runs the transaction again, as `policy` says, when it fails with a
+    /// retryable error (serialization failure, deadlock, checkout timeout)
+    /// or a connection failure before `COMMIT` was sent: nothing of it can
+    /// have committed then. A transaction whose `COMMIT` may have reached
+    /// the server is never run again ([`ErrorKind::AmbiguousCommit`]). The
+    /// closure's own errors are retried only when they hold such an error
+    /// (see [`AsPgxkitError`]); it should only use `tx`: work it does
+    /// elsewhere is not rolled back.
+    ///
+    /// ```no_run
+    /// use pgxkit::{IsolationLevel, RetryPolicy};
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let policy = RetryPolicy::default();
+    /// cluster.build_transaction().isolation(IsolationLevel::Serializable).retry(&policy).run(|tx| {
+    ///     tx.execute("UPDATE seats SET taken = true WHERE id = (SELECT min(id) FROM seats WHERE NOT taken)", &[])?;
+    ///     Ok::<_, pgxkit::Error>(())
+    /// })?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn retry<'p>(self, policy: &'p RetryPolicy) -> RetryingTransaction<'c, 'p> {
+        RetryingTransaction {
+            builder: self,
+            policy,
+        }
+    }
+
+    /// Begins the transaction and returns its guard (see [`Transaction`]).
+    /// Blocks to check out a connection and send `BEGIN`, bounded by the
+    /// handle's deadline and the checkout timeout.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let tx = cluster.build_transaction().begin()?;
+    /// tx.execute("DELETE FROM sessions WHERE expires < now()", &[])?;
+    /// tx.commit()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn begin(self) -> Result<Transaction<'c>> {
+        let cluster = self.cluster;
+        if self.on_replica {
+            if !self.read_only {
+                return Err(Error::new(ErrorKind::Unsupported)
+                    .with_detail("read_only(false): a transaction on a replica cannot write"));
+            }
+            Transaction::begin(cluster, cluster.reader(None)?, Role::Replica, self)
+        } else {
+            Transaction::begin(cluster, cluster.primary(), Role::Primary, self)
+        }
+    }
+
+    /// Runs `f` in the transaction: commits when it returns `Ok`, rolls
+    /// back when it returns `Err` (the caller's own error type, any `E:
+    /// From<pgxkit::Error>`, which comes back unchanged) or panics (the
+    /// panic then continues). A failed `BEGIN` or `COMMIT` comes back as
+    /// `E::from(pgxkit::Error)`.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let id: i64 = cluster.build_transaction().run(|tx| {
+    ///     Ok::<_, pgxkit::Error>(tx.query_one("INSERT INTO orders DEFAULT VALUES RETURNING id", &[])?.get(0))
+    /// })?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn run<T, E: From<Error>>(
+        self,
+        f: impl FnOnce(&Transaction<'c>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        run_transaction(self.begin()?, f)
     }
 
     fn begin_sql(&self) -> String {
@@ -82,6 +200,48 @@ impl TransactionOptions {
             sql.push_str(" DEFERRABLE");
         }
         sql
+    }
+}
+
+/// A transaction that runs again on retryable failures, from
+/// [`TransactionBuilder::retry`]; see there.
+#[must_use = "a transaction builder does nothing until `run`"]
+pub struct RetryingTransaction<'c, 'p> {
+    builder: TransactionBuilder<'c>,
+    policy: &'p RetryPolicy,
+}
+
+impl fmt::Debug for RetryingTransaction<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryingTransaction")
+            .field("builder", &self.builder)
+            .field("policy", self.policy)
+            .finish()
+    }
+}
+
+impl<'c> RetryingTransaction<'c, '_> {
+    /// Runs `f` in a transaction, and the whole transaction again (a new
+    /// `BEGIN`, a new connection) as the policy says; returns the first
+    /// commit's result or the last error. Blocks for the attempts and the
+    /// backoff waits between them.
+    ///
+    /// ```no_run
+    /// use pgxkit::RetryPolicy;
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let policy = RetryPolicy::default().max_retries(5);
+    /// let moved = cluster.build_transaction().retry(&policy).run(|tx| {
+    ///     tx.execute("UPDATE accounts SET balance = balance - 10 WHERE id = 1", &[])
+    /// })?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn run<T, E: From<Error> + AsPgxkitError>(
+        self,
+        mut f: impl FnMut(&Transaction<'c>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let builder = self.builder;
+        self.policy
+            .run(|_| builder.run(&mut f), retryable_transaction)
     }
 }
 
@@ -105,7 +265,7 @@ enum State {
 ///
 /// ```no_run
 /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-/// let tx = cluster.begin()?;
+/// let tx = cluster.build_transaction().begin()?;
 /// tx.execute("UPDATE accounts SET balance = balance - 10 WHERE id = $1", &[&1i64])?;
 /// tx.execute("UPDATE accounts SET balance = balance + 10 WHERE id = $1", &[&2i64])?;
 /// tx.commit()?;
@@ -114,6 +274,7 @@ enum State {
 pub struct Transaction<'c> {
     cluster: &'c Cluster,
     node: &'c Node,
+    route: Role,
     conn: RefCell<Lease<'c>>,
     permit: Cell<Option<Permit<'c>>>,
     _in_flight: InFlight<'c>,
@@ -121,6 +282,7 @@ pub struct Transaction<'c> {
     read_only: bool,
     state: Cell<State>,
     savepoints: Cell<u32>,
+    cursors: Cell<u32>,
 }
 
 impl fmt::Debug for Transaction<'_> {
@@ -134,10 +296,11 @@ impl fmt::Debug for Transaction<'_> {
 }
 
 impl<'c> Transaction<'c> {
-    pub(crate) fn begin(
+    fn begin(
         cluster: &'c Cluster,
         node: &'c Node,
-        options: TransactionOptions,
+        route: Role,
+        options: TransactionBuilder<'_>,
     ) -> Result<Self> {
         let in_flight = cluster.enter()?;
         let hooks = &*cluster.inner.hooks;
@@ -172,6 +335,7 @@ impl<'c> Transaction<'c> {
         Ok(Transaction {
             cluster,
             node,
+            route,
             conn: RefCell::new(conn),
             permit: Cell::new(Some(permit)),
             _in_flight: in_flight,
@@ -179,10 +343,20 @@ impl<'c> Transaction<'c> {
             read_only: options.read_only,
             state: Cell::new(State::Open),
             savepoints: Cell::new(0),
+            cursors: Cell::new(0),
         })
     }
 
     /// The node the transaction runs on.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// cluster.replica().transaction(|tx| {
+    ///     println!("snapshot from {}", tx.node());
+    ///     Ok::<_, pgxkit::Error>(())
+    /// })?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn node(&self) -> &NodeInfo {
         &self.node.info
     }
@@ -201,6 +375,39 @@ impl<'c> Transaction<'c> {
         }
     }
 
+    /// The connection, for one call: refused while another call (an open
+    /// `with_client` closure) holds it.
+    fn conn(&self) -> Result<std::cell::RefMut<'_, Lease<'c>>> {
+        self.check_usable()?;
+        self.conn.try_borrow_mut().map_err(|_| {
+            Error::new(ErrorKind::TransactionState)
+                .with_node(&self.node.info)
+                .with_detail("the transaction is in use by another call")
+        })
+    }
+
+    /// Books what a call left behind: a discarded connection, or a
+    /// statement error (the server then refuses everything until rollback).
+    fn settle<T>(&self, conn: &Lease<'_>, result: &Result<T>) {
+        if conn.broken {
+            self.state.set(State::Broken);
+        } else if let Err(e) = result {
+            if e.kind() != ErrorKind::Hook {
+                self.state.set(State::Aborted);
+            }
+        }
+    }
+
+    fn op<'a>(&'a self, kind: OperationKind, sql: &'a str, params: Params<'a>) -> Op<'a> {
+        Op {
+            kind,
+            route: self.route,
+            node: &self.node.info,
+            sql,
+            params,
+        }
+    }
+
     /// One statement: hooks, deadline, state tracking.
     fn run<T>(
         &self,
@@ -210,29 +417,16 @@ impl<'c> Transaction<'c> {
         rows: impl Fn(&T) -> Option<u64>,
         op: impl FnOnce(&mut Lease<'c>, Option<Instant>) -> Result<T>,
     ) -> Result<T> {
-        self.check_usable()?;
-        let mut conn = self.conn.try_borrow_mut().map_err(|_| {
-            Error::new(ErrorKind::TransactionState)
-                .with_node(&self.node.info)
-                .with_detail("the transaction is in use by another call")
-        })?;
+        let mut conn = self.conn()?;
         let deadline = self.cluster.deadline();
         let result = hooks::around(
             &self.cluster.inner.hooks,
-            kind,
-            &self.node.info,
-            sql,
-            params,
+            self.op(kind, sql, params),
             rows,
+            hooks::itself,
             || op(&mut conn, deadline),
         );
-        if conn.broken {
-            self.state.set(State::Broken);
-        } else if let Err(e) = &result {
-            if e.kind() != ErrorKind::Hook {
-                self.state.set(State::Aborted);
-            }
-        }
+        self.settle(&conn, &result);
         result
     }
 
@@ -244,7 +438,7 @@ impl<'c> Transaction<'c> {
         params: Params<'_>,
         call: Call,
     ) -> Result<Output> {
-        let stmt = self.cluster.stmt(kind, sql, params, call);
+        let stmt = self.cluster.stmt((kind, self.route), sql, params, call);
         let rows = |out: &Output| Some(out.len());
         self.run(kind, sql, params, rows, |conn, deadline| {
             self.node.statement(conn, deadline, &stmt)
@@ -252,30 +446,111 @@ impl<'c> Transaction<'c> {
     }
 
     /// Runs a statement and returns the number of rows it affected.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// cluster.transaction(|tx| tx.execute("DELETE FROM carts WHERE user_id = $1", &[&7i64]))?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
         self.statement(OperationKind::Execute, sql, params, Call::Execute)
             .map(Output::count)
     }
 
     /// Runs a query and returns all rows.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let rows = cluster.transaction(|tx| tx.query("SELECT id FROM carts FOR UPDATE", &[]))?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
         self.statement(OperationKind::Query, sql, params, Call::Query)
             .map(Output::rows)
     }
 
     /// Runs a query that must return exactly one row.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let n: i64 = cluster.transaction(|tx| tx.query_one("SELECT count(*) FROM carts", &[]))?.get(0);
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
         let out = self.statement(OperationKind::QueryOne, sql, params, Call::QueryOpt)?;
         exactly_one(out, self.node)
     }
 
     /// Runs a query that returns at most one row.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let cart = cluster.transaction(|tx| tx.query_opt("SELECT id FROM carts WHERE user_id = 7", &[]))?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
         let out = self.statement(OperationKind::QueryOpt, sql, params, Call::QueryOpt)?;
         at_most_one(out, self.node)
     }
 
+    /// Streams a query's rows inside the transaction (its snapshot, its
+    /// locks), in batches of 1,000 through a cursor of the transaction's
+    /// own, closed when the iterator is dropped. The iterator borrows the
+    /// transaction, so it cannot commit before the iterator is gone; other
+    /// statements may run between batches. Hooks see the opening as
+    /// `query_iter`.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// cluster.transaction(|tx| {
+    ///     for row in tx.query_iter("SELECT id FROM jobs WHERE state = 'new' FOR UPDATE", &[])? {
+    ///         let id: i64 = row?.get(0);
+    ///         tx.execute("UPDATE jobs SET state = 'queued' WHERE id = $1", &[&id])?;
+    ///     }
+    ///     Ok::<_, pgxkit::Error>(())
+    /// })?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn query_iter(&self, sql: &str, params: Params<'_>) -> Result<RowIter<'_>> {
+        let n = self.cursors.get() + 1;
+        self.cursors.set(n);
+        let cursor = format!("pgxkit_rows_{n}");
+        let declare = format!("DECLARE {cursor} NO SCROLL CURSOR FOR {sql}");
+        let fetch = rows::fetch_sql(&cursor);
+        let first = self.run(
+            OperationKind::QueryIter,
+            sql,
+            params,
+            |_: &Vec<Row>| None,
+            |conn, deadline| {
+                self.node.guarded(conn, deadline, |c| {
+                    c.execute(declare.as_str(), params)?;
+                    c.query(fetch.as_str(), &[])
+                })
+            },
+        )?;
+        Ok(RowIter::in_transaction(self, cursor, first))
+    }
+
+    /// One statement of a streaming iterator: deadline and state tracking,
+    /// no hooks.
+    fn cursor_step<T>(
+        &self,
+        op: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        let mut conn = self.conn()?;
+        let result = self.node.guarded(&mut conn, self.cluster.deadline(), op);
+        self.settle(&conn, &result);
+        result
+    }
+
     /// Runs statements separated by semicolons (simple protocol, no parameters).
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// cluster.transaction(|tx| tx.batch_execute("LOCK TABLE carts; DELETE FROM carts"))?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn batch_execute(&self, sql: &str) -> Result<()> {
         self.run(
             OperationKind::BatchExecute,
@@ -340,24 +615,53 @@ impl<'c> Transaction<'c> {
         )
     }
 
-    /// Lends the transaction's `postgres::Client` (COPY, `query_raw`...).
-    /// Do not commit or roll back through it.
-    pub fn with_client<T>(
+    /// Lends the transaction's `postgres::Client` (`query_raw`,
+    /// `simple_query`, a tool that takes a client), as
+    /// [`Cluster::with_client`] does: the closure's error type is the
+    /// caller's, and comes back unchanged. Do not commit or roll back
+    /// through it. When the closure fails, one round trip tells whether the
+    /// server aborted the transaction (then only a rollback is possible,
+    /// as after any failed statement).
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// cluster.transaction(|tx| {
+    ///     tx.with_client(|c| {
+    ///         let n = c.simple_query("SELECT 1")?.len();
+    ///         Ok::<_, pgxkit::Error>(n)
+    ///     })
+    /// })?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn with_client<T, E: From<Error>>(
         &self,
-        f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
-    ) -> Result<T> {
-        self.run(
-            OperationKind::WithPrimary,
-            "",
-            &[],
+        f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let mut conn = self.conn()?;
+        let deadline = self.cluster.deadline();
+        let result = hooks::around(
+            &self.cluster.inner.hooks,
+            self.op(OperationKind::WithClient, "", &[]),
             |_| None,
-            |conn, deadline| self.node.guarded(conn, deadline, f),
-        )
+            hooks::opaque,
+            || self.node.lend_on(&mut conn, deadline, f),
+        );
+        if conn.broken {
+            self.state.set(State::Broken);
+        } else if result.is_err() && self.state.get() == State::Open {
+            // The caller's error says nothing of the server's side: ask it.
+            let probe = self
+                .node
+                .guarded(&mut conn, deadline, |c| c.batch_execute("SELECT 1"));
+            self.settle(&conn, &probe);
+        }
+        result
     }
 
     /// Runs `f` inside a savepoint: released when `f` returns `Ok`, rolled
     /// back to (undoing only `f`'s work, and clearing an error inside it)
-    /// when `f` returns `Err`, whose error is then returned.
+    /// when `f` returns `Err` (the caller's own error type), which is then
+    /// returned unchanged.
     ///
     /// ```no_run
     /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
@@ -365,11 +669,14 @@ impl<'c> Transaction<'c> {
     ///     tx.execute("INSERT INTO orders (id) VALUES (1)", &[])?;
     ///     // A duplicate here undoes only the savepoint's work.
     ///     let _ = tx.savepoint(|sp| sp.execute("INSERT INTO audit (order_id) VALUES (1)", &[]));
-    ///     Ok(())
+    ///     Ok::<_, pgxkit::Error>(())
     /// })?;
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
-    pub fn savepoint<T>(&self, f: impl FnOnce(&Transaction<'c>) -> Result<T>) -> Result<T> {
+    pub fn savepoint<T, E: From<Error>>(
+        &self,
+        f: impl FnOnce(&Transaction<'c>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
         let n = self.savepoints.get() + 1;
         self.savepoints.set(n);
         let name = format!("pgxkit_savepoint_{n}");
@@ -394,6 +701,14 @@ impl<'c> Transaction<'c> {
 
     /// Commits. If a statement of the transaction failed, the server can
     /// only roll back: the transaction is rolled back and an error returned.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let tx = cluster.build_transaction().begin()?;
+    /// tx.execute("INSERT INTO audit (what) VALUES ('login')", &[])?;
+    /// tx.commit()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     ///
     /// # Errors
     /// The server's error if it refused the commit (the transaction did not
@@ -433,6 +748,14 @@ impl<'c> Transaction<'c> {
     }
 
     /// Rolls back.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let tx = cluster.build_transaction().begin()?;
+    /// tx.execute("DELETE FROM carts", &[])?;
+    /// tx.rollback()?; // changed our mind
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn rollback(self) -> Result<()> {
         self.check_usable()?;
         let result = self.end("ROLLBACK");
@@ -480,6 +803,18 @@ impl<'c> Transaction<'c> {
     }
 }
 
+impl rows::InTransaction for Transaction<'_> {
+    fn node_info(&self) -> &NodeInfo {
+        &self.node.info
+    }
+    fn cursor_query(&self, sql: &str) -> Result<Vec<Row>> {
+        self.cursor_step(|c| c.query(sql, &[]))
+    }
+    fn cursor_execute(&self, sql: &str) -> Result<()> {
+        self.cursor_step(|c| c.batch_execute(sql))
+    }
+}
+
 impl Drop for Transaction<'_> {
     fn drop(&mut self) {
         match self.state.get() {
@@ -507,110 +842,40 @@ impl Drop for Transaction<'_> {
 }
 
 impl Cluster {
-    /// Begins a transaction on the primary; see [`Transaction`].
-    ///
-    /// Blocks to check out a connection and send `BEGIN`.
-    pub fn begin(&self) -> Result<Transaction<'_>> {
-        self.begin_with(TransactionOptions::new())
-    }
-
-    /// Begins a transaction on the primary with `options`.
-    ///
-    /// ```no_run
-    /// use pgxkit::{IsolationLevel, TransactionOptions};
-    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-    /// let tx = cluster.begin_with(TransactionOptions::new().isolation(IsolationLevel::Serializable))?;
-    /// # Ok::<(), pgxkit::Error>(())
-    /// ```
-    pub fn begin_with(&self, options: TransactionOptions) -> Result<Transaction<'_>> {
-        Transaction::begin(self, self.primary(), options)
-    }
-
     /// Runs `f` in a transaction on the primary: commits when it returns
     /// `Ok`, rolls back when it returns `Err` or panics (the panic then
-    /// continues).
+    /// continues). `f` returns the caller's own error type (any `E:
+    /// From<pgxkit::Error>`): an `Err` comes back unchanged after the
+    /// rollback. For options, retries or a guard, see
+    /// [`build_transaction`](Self::build_transaction).
     ///
     /// ```no_run
     /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
     /// let id: i64 = cluster.transaction(|tx| {
     ///     let id: i64 = tx.query_one("INSERT INTO orders DEFAULT VALUES RETURNING id", &[])?.get(0);
     ///     tx.execute("INSERT INTO order_events (order_id, kind) VALUES ($1, 'created')", &[&id])?;
-    ///     Ok(id)
+    ///     Ok::<_, pgxkit::Error>(id)
     /// })?;
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
-    pub fn transaction<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
-        self.transaction_with(TransactionOptions::new(), f)
-    }
-
-    /// [`transaction`](Self::transaction) with `options`.
-    pub fn transaction_with<T>(
+    pub fn transaction<T, E: From<Error>>(
         &self,
-        options: TransactionOptions,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T>,
-    ) -> Result<T> {
-        run_transaction(self.begin_with(options)?, f)
+        f: impl FnOnce(&Transaction<'_>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        self.build_transaction().run(f)
     }
 
-    /// Runs `f` in a read-only `REPEATABLE READ` transaction on an eligible
-    /// replica (the primary when none is, unless the fallback policy says
-    /// fail): several reads from one consistent snapshot.
+    /// A builder for a transaction on the primary: isolation, read-only,
+    /// deferrable, retries; then `run` or `begin`. See [`TransactionBuilder`].
     ///
     /// ```no_run
+    /// use pgxkit::IsolationLevel;
     /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-    /// let (orders, items): (i64, i64) = cluster.read_transaction(|tx| {
-    ///     let o = tx.query_one("SELECT count(*) FROM orders", &[])?.get(0);
-    ///     let i = tx.query_one("SELECT count(*) FROM order_items", &[])?.get(0);
-    ///     Ok((o, i))
-    /// })?;
+    /// let tx = cluster.build_transaction().isolation(IsolationLevel::RepeatableRead).begin()?;
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
-    pub fn read_transaction<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
-        let options = TransactionOptions::new()
-            .isolation(IsolationLevel::RepeatableRead)
-            .read_only(true);
-        run_transaction(Transaction::begin(self, self.reader(None)?, options)?, f)
-    }
-
-    /// Runs `f` in a transaction and runs the whole transaction again when
-    /// it fails with a retryable error (serialization failure, deadlock,
-    /// checkout timeout) or a connection failure before `COMMIT` was sent,
-    /// as `policy` says. A transaction whose `COMMIT` may have reached the
-    /// server is never run again: that is [`ErrorKind::AmbiguousCommit`].
-    /// `f` should only use `tx`: work it does elsewhere is not rolled back.
-    ///
-    /// ```no_run
-    /// use pgxkit::{IsolationLevel, RetryPolicy, TransactionOptions};
-    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-    /// cluster.transaction_with_retry(&RetryPolicy::default(), |tx| {
-    ///     let n: i64 = tx.query_one("SELECT count(*) FROM seats WHERE taken", &[])?.get(0);
-    ///     if n < 100 {
-    ///         tx.execute("UPDATE seats SET taken = true WHERE id = (SELECT min(id) FROM seats WHERE NOT taken)", &[])?;
-    ///     }
-    ///     Ok(())
-    /// })?;
-    /// # Ok::<(), pgxkit::Error>(())
-    /// ```
-    pub fn transaction_with_retry<T>(
-        &self,
-        policy: &RetryPolicy,
-        f: impl FnMut(&Transaction<'_>) -> Result<T>,
-    ) -> Result<T> {
-        self.transaction_with_retry_opts(policy, TransactionOptions::new(), f)
-    }
-
-    /// [`transaction_with_retry`](Self::transaction_with_retry) with `options`
-    /// (such as `SERIALIZABLE`).
-    pub fn transaction_with_retry_opts<T>(
-        &self,
-        policy: &RetryPolicy,
-        options: TransactionOptions,
-        mut f: impl FnMut(&Transaction<'_>) -> Result<T>,
-    ) -> Result<T> {
-        policy.run(
-            |_| self.transaction_with(options, &mut f),
-            retryable_transaction,
-        )
+    pub fn build_transaction(&self) -> TransactionBuilder<'_> {
+        TransactionBuilder::on_primary(self)
     }
 }
 
@@ -621,81 +886,20 @@ fn retryable_transaction(err: &Error) -> bool {
     err.is_retryable() || (err.is_connection_error() && err.kind() != ErrorKind::AmbiguousCommit)
 }
 
-fn run_transaction<T>(
-    tx: Transaction<'_>,
-    f: impl FnOnce(&Transaction<'_>) -> Result<T>,
-) -> Result<T> {
+fn run_transaction<'c, T, E: From<Error>>(
+    tx: Transaction<'c>,
+    f: impl FnOnce(&Transaction<'c>) -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
     match f(&tx) {
-        Ok(value) => tx.commit().map(|()| value),
+        Ok(value) => match tx.commit() {
+            Ok(()) => Ok(value),
+            Err(e) => Err(e.into()),
+        },
         Err(e) => {
             if let Err(rollback) = tx.rollback() {
                 log::warn!("rollback after an error failed: {rollback}");
             }
             Err(e)
         }
-    }
-}
-
-/// What `Cluster` and `Transaction` have in common, so code can run
-/// against either (the Go library's `Executor`).
-///
-/// ```no_run
-/// use pgxkit::{Executor, Result};
-///
-/// fn create_user(db: &impl Executor, name: &str) -> Result<i64> {
-///     Ok(db.query_one("INSERT INTO users (name) VALUES ($1) RETURNING id", &[&name])?.get(0))
-/// }
-///
-/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-/// create_user(&cluster, "ada")?;                       // on its own
-/// cluster.transaction(|tx| create_user(tx, "grace"))?; // inside a transaction
-/// # Ok::<(), pgxkit::Error>(())
-/// ```
-pub trait Executor {
-    /// Runs a statement; returns the rows affected.
-    fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64>;
-    /// Runs a query; returns all rows.
-    fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>>;
-    /// Runs a query that must return exactly one row.
-    fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row>;
-    /// Runs a query that returns at most one row.
-    fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>>;
-    /// Runs statements separated by semicolons.
-    fn batch_execute(&self, sql: &str) -> Result<()>;
-}
-
-impl Executor for Cluster {
-    fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        Cluster::execute(self, sql, params)
-    }
-    fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        Cluster::query(self, sql, params)
-    }
-    fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        Cluster::query_one(self, sql, params)
-    }
-    fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        Cluster::query_opt(self, sql, params)
-    }
-    fn batch_execute(&self, sql: &str) -> Result<()> {
-        Cluster::batch_execute(self, sql)
-    }
-}
-
-impl Executor for Transaction<'_> {
-    fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        Transaction::execute(self, sql, params)
-    }
-    fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        Transaction::query(self, sql, params)
-    }
-    fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        Transaction::query_one(self, sql, params)
-    }
-    fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        Transaction::query_opt(self, sql, params)
-    }
-    fn batch_execute(&self, sql: &str) -> Result<()> {
-        Transaction::batch_execute(self, sql)
     }
 }

@@ -107,7 +107,7 @@ fn a_call_without_a_deadline_fails_within_the_detection_time() {
         // Not ended early either: the node had to be silent for the limit.
         assert!(took >= Duration::from_secs(2), "{took:?}");
         // Meanwhile the replica was never touched: it still answers.
-        let _: i32 = cluster.read_query_one("SELECT 1", &[]).unwrap().get(0);
+        let _: i32 = cluster.replica().query_one("SELECT 1", &[]).unwrap().get(0);
         proxy.set(Fault::Pass);
         common::wait_for("the primary back", Duration::from_secs(10), || {
             cluster.query_one("SELECT 1", &[]).is_ok()

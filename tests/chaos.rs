@@ -153,7 +153,7 @@ fn worker(cluster: &Cluster, thread: i32, seed: u64, stop: &AtomicBool) -> Recor
             ),
             Op::Transaction => (
                 cluster
-                    .transaction(|tx| {
+                    .transaction(|tx| -> pgxkit::Result<_> {
                         tx.execute(insert, &[&thread, &seq])?;
                         tx.execute(insert, &[&thread, &(seq + 1)])?;
                         Ok(())
@@ -163,14 +163,16 @@ fn worker(cluster: &Cluster, thread: i32, seed: u64, stop: &AtomicBool) -> Recor
             ),
             Op::Read => (
                 cluster
-                    .read_query_one("SELECT count(*) FROM chaos", &[])
+                    .replica()
+                    .query_one("SELECT count(*) FROM chaos", &[])
                     .map(|_| false),
                 None,
             ),
             Op::ReadWithDeadline => (
                 cluster
                     .with_timeout(DEADLINE)
-                    .read_query_one("SELECT pg_sleep(0.005)", &[])
+                    .replica()
+                    .query_one("SELECT pg_sleep(0.005)", &[])
                     .map(|_| false),
                 Some(DEADLINE),
             ),

@@ -42,12 +42,17 @@ fn reads_spread_evenly_over_replicas_and_writes_hit_the_primary() {
 
     // Also through with_replica, and read_query / read_query_opt.
     let port: i32 = cluster
-        .with_replica(|c| c.query_one("SELECT inet_server_port()", &[]))
+        .replica()
+        .with_client(|c| {
+            c.query_one("SELECT inet_server_port()", &[])
+                .map_err(pgxkit::Error::from)
+        })
         .unwrap()
         .get(0);
     assert!(replicas.contains(&(port as u16)));
     let rows = cluster
-        .read_query("SELECT inet_server_port()", &[])
+        .replica()
+        .query("SELECT inet_server_port()", &[])
         .unwrap();
     assert!(replicas.contains(&(rows[0].get::<_, i32>(0) as u16)));
 
@@ -75,7 +80,10 @@ fn reads_spread_evenly_over_replicas_and_writes_hit_the_primary() {
             .get(0);
         assert_eq!(port, primary_port);
         let port: i32 = cluster
-            .with_primary(|c| c.query_one("SELECT inet_server_port()", &[]))
+            .with_client(|c| {
+                c.query_one("SELECT inet_server_port()", &[])
+                    .map_err(pgxkit::Error::from)
+            })
             .unwrap()
             .get(0);
         assert_eq!(port, primary_port);
@@ -172,12 +180,14 @@ fn sixteen_threads_of_mixed_operations_add_up() {
                         }
                         1 => {
                             cluster
-                                .read_query("SELECT 1 FROM pg_class LIMIT 3", &[])
+                                .replica()
+                                .query("SELECT 1 FROM pg_class LIMIT 3", &[])
                                 .unwrap();
                         }
                         2 => {
                             let v: i32 = cluster
-                                .read_query_one("SELECT $1::int", &[&n])
+                                .replica()
+                                .query_one("SELECT $1::int", &[&n])
                                 .unwrap()
                                 .get(0);
                             assert_eq!(v, n);
@@ -241,14 +251,16 @@ fn query_one_and_query_opt_count_rows() {
     );
     assert_eq!(
         cluster
-            .read_query_opt("SELECT generate_series(1, 3)", &[])
+            .replica()
+            .query_opt("SELECT generate_series(1, 3)", &[])
             .unwrap_err()
             .kind(),
         ErrorKind::TooManyRows
     );
     assert_eq!(
         cluster
-            .read_query_one("SELECT 1 WHERE false", &[])
+            .replica()
+            .query_one("SELECT 1 WHERE false", &[])
             .unwrap_err()
             .kind(),
         ErrorKind::NotFound
@@ -270,7 +282,7 @@ fn query_one_and_query_opt_count_rows() {
         let row = one.query_one("SELECT $1::int", &[&i]).unwrap();
         assert_eq!(row.get::<_, i32>(0), i);
     }
-    one.transaction(|tx| {
+    one.transaction(|tx| -> pgxkit::Result<_> {
         let many = tx
             .query_opt("SELECT generate_series(1, 10000)", &[])
             .unwrap_err();
@@ -387,7 +399,7 @@ fn busy_pool_times_out_with_pool_timeout() {
         .unwrap();
     let inner = cluster.clone();
     let err = cluster
-        .with_primary(move |_held| {
+        .with_client(move |_held| -> pgxkit::Result<_> {
             let started = Instant::now();
             let err = inner.execute("SELECT 1", &[]).unwrap_err();
             let waited = started.elapsed();
@@ -492,7 +504,7 @@ fn lifetime_jitter_spreads_expiry() {
                 let (cluster, barrier) = (cluster.clone(), Arc::clone(&barrier));
                 thread::spawn(move || {
                     cluster
-                        .with_primary(|_| {
+                        .with_client(|_| -> pgxkit::Result<_> {
                             barrier.wait();
                             Ok(())
                         })
@@ -706,9 +718,9 @@ fn idle_connections_close_after_max_conn_idle_time() {
         for _ in 0..3 {
             s.spawn(|| {
                 cluster
-                    .with_primary(|c| {
+                    .with_client(|c| -> pgxkit::Result<_> {
                         barrier.wait();
-                        c.query_one("SELECT 1", &[])
+                        Ok(c.query_one("SELECT 1", &[])?)
                     })
                     .unwrap()
             });

@@ -411,7 +411,8 @@ fn replicas_and_pool_settings_from_the_environment() {
     assert_eq!(
         user(
             cluster
-                .read_query_one("SELECT current_user::text", &[])
+                .replica()
+                .query_one("SELECT current_user::text", &[])
                 .unwrap()
         ),
         "reader"

@@ -228,7 +228,7 @@ fn copy_in_a_transaction_rolls_back_with_it_and_copy_is_bounded_by_the_deadline(
     cluster
         .batch_execute("CREATE TABLE big (id bigint PRIMARY KEY, pad text)")
         .unwrap();
-    let result: pgxkit::Result<()> = cluster.transaction(|tx| {
+    let result: pgxkit::Result<()> = cluster.transaction(|tx| -> pgxkit::Result<_> {
         assert_eq!(
             tx.copy_in("COPY big (id, pad) FROM STDIN", Generated::new(1_000))?,
             1_000

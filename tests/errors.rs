@@ -165,11 +165,11 @@ fn client_side_errors_have_their_own_kind_and_leave_the_connection_usable() {
 fn using_a_transaction_while_it_runs_is_its_own_kind() {
     let local = LocalCluster::start(0).unwrap();
     let cluster = Cluster::connect(&local.primary_dsn()).unwrap();
-    let tx = cluster.begin().unwrap();
+    let tx = cluster.build_transaction().begin().unwrap();
     // `with_client`'s closure runs while the transaction's connection is
     // lent out; calling the transaction itself from there is re-entry.
     let mut inner = None;
-    tx.with_client(|_client| {
+    tx.with_client(|_client| -> pgxkit::Result<_> {
         inner = Some(tx.execute("SELECT 1", &[]));
         Ok(())
     })

@@ -257,7 +257,7 @@ fn a_silent_node_delays_no_other_nodes_deadline() {
     let stuck = {
         let cluster = cluster.clone();
         std::thread::spawn(move || {
-            cluster.read_query_one("SELECT 1", &[]).unwrap();
+            cluster.replica().query_one("SELECT 1", &[]).unwrap();
             warm_tx.send(()).unwrap();
             go_rx.recv().unwrap();
             // Hangs on the silent replica; at its deadline the cancel
@@ -266,7 +266,8 @@ fn a_silent_node_delays_no_other_nodes_deadline() {
             let started = Instant::now();
             let result = cluster
                 .with_timeout(Duration::from_millis(200))
-                .read_query_one("SELECT 1", &[])
+                .replica()
+                .query_one("SELECT 1", &[])
                 .map(|_| ());
             (result, started.elapsed())
         })
@@ -376,7 +377,8 @@ fn a_node_whose_connects_hang_blocks_no_other_nodes_pool() {
     let started = Instant::now();
     let port: i32 = cluster
         .with_timeout(Duration::from_secs(3))
-        .read_query_one("SELECT inet_server_port()", &[])
+        .replica()
+        .query_one("SELECT inet_server_port()", &[])
         .unwrap()
         .get(0);
     assert_eq!(port, i32::from(local.replicas()[0].port()));

@@ -39,7 +39,8 @@ fn a_killed_replica_under_load_is_excluded_and_readmitted() {
                 let mut reads = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let port: i32 = cluster
-                        .read_query_one("SELECT inet_server_port()", &[])
+                        .replica()
+                        .query_one("SELECT inet_server_port()", &[])
                         .expect("a read failed while a replica died")
                         .get(0);
                     if port == victim_port {
@@ -221,7 +222,7 @@ fn with_both_replicas_down_reads_fall_back_or_fail_as_configured() {
     for _ in 0..10 {
         assert_eq!(read_port(&to_primary), local.primary().port());
     }
-    let err = strict.read_query("SELECT 1", &[]).unwrap_err();
+    let err = strict.replica().query("SELECT 1", &[]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NoEligibleReplica, "{err}");
     // Writes are unaffected.
     strict.execute("SELECT 1", &[]).unwrap();
@@ -458,7 +459,7 @@ fn a_pool_more_than_80_percent_in_use_is_a_health_warning() {
             for _ in 0..n {
                 s.spawn(|| {
                     cluster
-                        .with_primary(|_c| {
+                        .with_client(|_c| -> pgxkit::Result<_> {
                             held.wait();
                             done.wait();
                             Ok(())

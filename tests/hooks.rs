@@ -76,6 +76,7 @@ fn hooks_run_in_order_and_see_the_operation() {
                 op.params(),
                 op.duration(),
                 op.error().map(|e| e.kind()),
+                op.route(),
             ));
             Ok(())
         })
@@ -86,7 +87,8 @@ fn hooks_run_in_order_and_see_the_operation() {
         .execute("INSERT INTO t SELECT generate_series(1, $1)", &[&3i32])
         .unwrap();
     cluster
-        .read_query("SELECT 1 UNION ALL SELECT 2", &[])
+        .replica()
+        .query("SELECT 1 UNION ALL SELECT 2", &[])
         .unwrap();
     cluster.execute("SELEC broken", &[]).unwrap_err();
     assert_eq!(
@@ -109,7 +111,12 @@ fn hooks_run_in_order_and_see_the_operation() {
     let read = &seen[2];
     assert_eq!(
         (read.0, read.1, read.2.as_str(), read.3),
-        (OperationKind::ReadQuery, Role::Replica, "replica1", Some(2))
+        (OperationKind::Query, Role::Replica, "replica1", Some(2))
+    );
+    assert_eq!(
+        (insert.8, read.8),
+        (Role::Primary, Role::Replica),
+        "each call is reported with its route"
     );
     assert_eq!(seen[3].7, Some(ErrorKind::Db));
 }
@@ -341,12 +348,16 @@ fn plans_of_slow_statements_are_captured_without_running_writes_twice() {
         .unwrap();
 
     cluster
-        .read_query("SELECT pg_sleep($1) FROM generate_series(1, 2)", &[&0.1f64])
+        .replica()
+        .query("SELECT pg_sleep($1) FROM generate_series(1, 2)", &[&0.1f64])
         .unwrap();
     let plan = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("a plan for the slow read");
-    assert_eq!(plan.kind(), OperationKind::ReadQuery);
+    assert_eq!(
+        (plan.kind(), plan.route()),
+        (OperationKind::Query, Role::Replica)
+    );
     assert_eq!(plan.node().name(), "replica1");
     assert!(plan.analyzed());
     let json: serde_json::Value = serde_json::from_str(plan.json()).unwrap();
@@ -402,7 +413,7 @@ fn leak_detection_reports_a_held_connection_once_and_not_a_returned_one() {
     };
     assert!(leaks().is_empty());
     cluster
-        .with_primary(|_held| {
+        .with_client(|_held| -> pgxkit::Result<_> {
             wait_for("the leak report", Duration::from_secs(10), || {
                 !leaks().is_empty()
             });
@@ -424,7 +435,9 @@ fn leak_detection_reports_a_held_connection_once_and_not_a_returned_one() {
 fn assert_full_once_when_both_are_checked_out(cluster: &Cluster, port: &str) {
     let inner = cluster.clone();
     cluster
-        .with_primary(move |_| Ok(inner.with_primary(|_| Ok(()))))
+        .with_client(move |_| {
+            Ok::<_, pgxkit::Error>(inner.with_client(|_| Ok::<_, pgxkit::Error>(())))
+        })
         .unwrap()
         .unwrap();
     let lines: Vec<_> = log_lines("100% in use")
@@ -480,10 +493,10 @@ fn node_events_reach_their_hooks() {
         })
         .build()
         .unwrap();
-    cluster.read_query("SELECT 1", &[]).unwrap();
+    cluster.replica().query("SELECT 1", &[]).unwrap();
     local.replicas()[0].kill().unwrap();
     // The read fails on the replica (opening its breaker) and is retried on the primary.
-    cluster.read_query("SELECT 1", &[]).unwrap();
+    cluster.replica().query("SELECT 1", &[]).unwrap();
     wait_for("the down event", Duration::from_secs(10), || {
         events
             .lock()
@@ -549,12 +562,11 @@ fn transaction_hooks_see_commit_rollback_and_can_veto() {
     cluster
         .transaction(|tx| tx.query_one("SELECT 1 WHERE false", &[]))
         .unwrap_err();
-    drop(cluster.begin().unwrap());
+    drop(cluster.build_transaction().begin().unwrap());
     let err = cluster
-        .transaction_with(
-            pgxkit::TransactionOptions::new().read_only(true),
-            |_| Ok(()),
-        )
+        .build_transaction()
+        .read_only(true)
+        .run(|_| Ok::<_, pgxkit::Error>(()))
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Hook);
     assert_eq!(begun.load(Ordering::SeqCst), 4);

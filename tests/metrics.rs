@@ -43,16 +43,16 @@ fn a_known_workload_gives_exact_counts() {
         cluster.execute("SELEC 1", &[]).unwrap_err();
     }
     for _ in 0..4 {
-        cluster.read_query("SELECT 1", &[]).unwrap();
+        cluster.replica().query("SELECT 1", &[]).unwrap();
     }
     let text = scrape(&registry);
     for line in [
-        r#"pgxkit_queries_total{operation="execute",status="success"} 5"#,
-        r#"pgxkit_queries_total{operation="execute",status="error"} 2"#,
-        r#"pgxkit_queries_total{operation="query_one",status="success"} 3"#,
-        r#"pgxkit_queries_total{operation="read_query",status="success"} 4"#,
-        r#"pgxkit_query_duration_seconds_count{operation="execute",status="success"} 5"#,
-        r#"pgxkit_query_duration_seconds_bucket{operation="execute",status="success",le="+Inf"} 5"#,
+        r#"pgxkit_queries_total{operation="execute",route="primary",status="success"} 5"#,
+        r#"pgxkit_queries_total{operation="execute",route="primary",status="error"} 2"#,
+        r#"pgxkit_queries_total{operation="query_one",route="primary",status="success"} 3"#,
+        r#"pgxkit_queries_total{operation="query",route="replica",status="success"} 4"#,
+        r#"pgxkit_query_duration_seconds_count{operation="execute",route="primary",status="success"} 5"#,
+        r#"pgxkit_query_duration_seconds_bucket{operation="execute",route="primary",status="success",le="+Inf"} 5"#,
         r#"pgxkit_checkout_wait_seconds_count{node="primary"} 10"#,
         r#"pgxkit_checkout_wait_seconds_count{node="replica1"} 4"#,
         r#"pgxkit_connections{node="primary",role="primary",state="max"} 5"#,
@@ -69,7 +69,7 @@ fn a_known_workload_gives_exact_counts() {
         .lines()
         .filter(|l| {
             l.starts_with(
-                r#"pgxkit_query_duration_seconds_bucket{operation="execute",status="success""#,
+                r#"pgxkit_query_duration_seconds_bucket{operation="execute",route="primary",status="success""#,
             )
         })
         .count();

@@ -93,7 +93,7 @@ fn a_deadline_bounds_transactions_and_waiting_for_a_connection() {
     cluster.batch_execute("CREATE TABLE d (x int)").unwrap();
     let short = cluster.with_timeout(Duration::from_millis(200));
     let err = short
-        .transaction(|tx| {
+        .transaction(|tx| -> pgxkit::Result<_> {
             tx.execute("INSERT INTO d VALUES (1)", &[])?;
             tx.query("SELECT pg_sleep(5)", &[])
         })
@@ -107,7 +107,7 @@ fn a_deadline_bounds_transactions_and_waiting_for_a_connection() {
 
     // The only connection is held: the deadline, not the 10 s checkout timeout, ends the wait.
     let err = cluster
-        .with_primary(|_held| {
+        .with_client(|_held| -> pgxkit::Result<_> {
             let started = Instant::now();
             let err = short.execute("SELECT 1", &[]).unwrap_err();
             assert!(started.elapsed() < Duration::from_secs(1));
@@ -168,7 +168,10 @@ fn shutdown_drains_running_queries_refuses_new_ones_and_closes_connections() {
     let started = Instant::now();
     let err = cluster.execute("SELECT 1", &[]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ShuttingDown);
-    assert!(cluster.begin().is_err() && cluster.read_query("SELECT 1", &[]).is_err());
+    assert!(
+        cluster.build_transaction().begin().is_err()
+            && cluster.replica().query("SELECT 1", &[]).is_err()
+    );
     assert!(
         started.elapsed() < Duration::from_millis(50),
         "new calls fail at once"

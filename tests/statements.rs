@@ -14,8 +14,8 @@ fn one_connection(local: &LocalCluster) -> pgxkit::ClusterBuilder {
 fn server_statements(cluster: &Cluster) -> Vec<String> {
     // The simple protocol, so that this look does not prepare a statement itself.
     let messages = cluster
-        .with_primary(|c| {
-            c.simple_query("SELECT statement FROM pg_prepared_statements WHERE NOT from_sql ORDER BY statement")
+        .with_client(|c| -> pgxkit::Result<_> {
+            Ok(c.simple_query("SELECT statement FROM pg_prepared_statements WHERE NOT from_sql ORDER BY statement")?)
         })
         .unwrap();
     messages

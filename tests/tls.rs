@@ -336,7 +336,7 @@ fn nothing_secret_reaches_any_log_line() {
         .unwrap();
     for c in [&cluster, &tls_cluster] {
         c.execute("SELECT 1", &[]).unwrap();
-        c.read_query("SELECT 1", &[]).unwrap();
+        c.replica().query("SELECT 1", &[]).unwrap();
         c.execute("SELEC broken", &[]).unwrap_err();
         c.with_timeout(Duration::from_millis(100))
             .query("SELECT pg_sleep(1)", &[])

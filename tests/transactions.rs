@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::builder_for;
 use pgxkit::postgres::error::SqlState;
 use pgxkit::testkit::LocalCluster;
-use pgxkit::{Cluster, ErrorKind, Executor, IsolationLevel, RetryPolicy, TransactionOptions};
+use pgxkit::{Cluster, ErrorKind, IsolationLevel, RetryPolicy, Writes};
 
 fn count(cluster: &Cluster, table: &str) -> i64 {
     cluster
@@ -34,7 +34,7 @@ fn setup() -> (LocalCluster, Cluster) {
 fn commit_rollback_on_error_and_dropped_guard() {
     let (_local, cluster) = setup();
     let n = cluster
-        .transaction(|tx| {
+        .transaction(|tx| -> pgxkit::Result<_> {
             tx.execute("INSERT INTO t VALUES (1, 'a')", &[])?;
             tx.execute("INSERT INTO t VALUES (2, 'b')", &[])?;
             Ok(tx
@@ -46,7 +46,7 @@ fn commit_rollback_on_error_and_dropped_guard() {
     assert_eq!(count(&cluster, "t"), 2);
 
     let err = cluster
-        .transaction(|tx| {
+        .transaction(|tx| -> pgxkit::Result<_> {
             tx.execute("INSERT INTO t VALUES (3, 'c')", &[])?;
             tx.query_one("SELECT 1 WHERE false", &[])?; // NotFound
             Ok(())
@@ -55,7 +55,7 @@ fn commit_rollback_on_error_and_dropped_guard() {
     assert_eq!(err.kind(), ErrorKind::NotFound);
     assert_eq!(count(&cluster, "t"), 2, "rolled back on Err");
 
-    let tx = cluster.begin().unwrap();
+    let tx = cluster.build_transaction().begin().unwrap();
     tx.execute("INSERT INTO t VALUES (4, 'd')", &[]).unwrap();
     drop(tx);
     assert_eq!(
@@ -64,10 +64,10 @@ fn commit_rollback_on_error_and_dropped_guard() {
         "rolled back when the guard was dropped"
     );
 
-    let tx = cluster.begin().unwrap();
+    let tx = cluster.build_transaction().begin().unwrap();
     tx.execute("INSERT INTO t VALUES (5, 'e')", &[]).unwrap();
     tx.rollback().unwrap();
-    let tx = cluster.begin().unwrap();
+    let tx = cluster.build_transaction().begin().unwrap();
     tx.execute("INSERT INTO t VALUES (6, 'f')", &[]).unwrap();
     tx.commit().unwrap();
     assert_eq!(count(&cluster, "t"), 3);
@@ -102,7 +102,7 @@ fn a_statement_error_aborts_and_commit_reports_it() {
     cluster
         .execute("INSERT INTO t VALUES (1, 'a')", &[])
         .unwrap();
-    let tx = cluster.begin().unwrap();
+    let tx = cluster.build_transaction().begin().unwrap();
     tx.execute("INSERT INTO t VALUES (2, 'b')", &[]).unwrap();
     let dup = tx
         .execute("INSERT INTO t VALUES (1, 'dup')", &[])
@@ -118,10 +118,10 @@ fn a_statement_error_aborts_and_commit_reports_it() {
 fn savepoints_undo_only_their_part() {
     let (_local, cluster) = setup();
     cluster
-        .transaction(|tx| {
+        .transaction(|tx| -> pgxkit::Result<_> {
             tx.execute("INSERT INTO t VALUES (1, 'kept')", &[])?;
             let err = tx
-                .savepoint(|sp| {
+                .savepoint(|sp| -> pgxkit::Result<_> {
                     sp.execute("INSERT INTO t VALUES (2, 'undone')", &[])?;
                     sp.execute("INSERT INTO t VALUES (1, 'duplicate')", &[])
                 })
@@ -153,7 +153,8 @@ fn read_transactions_run_read_only_on_a_replica() {
         .wait_for_replicas_caught_up(Duration::from_secs(10))
         .unwrap();
     let (port, n) = cluster
-        .read_transaction(|tx| {
+        .replica()
+        .transaction(|tx| -> pgxkit::Result<_> {
             let port: i32 = tx.query_one("SELECT inet_server_port()", &[])?.get(0);
             let n: i64 = tx.query_one("SELECT count(*) FROM r", &[])?.get(0);
             Ok((port, n))
@@ -161,7 +162,8 @@ fn read_transactions_run_read_only_on_a_replica() {
         .unwrap();
     assert_eq!((port as u16, n), (local.replicas()[0].port(), 2));
     let err = cluster
-        .read_transaction(|tx| tx.execute("INSERT INTO r VALUES (3)", &[]))
+        .replica()
+        .transaction(|tx| tx.execute("INSERT INTO r VALUES (3)", &[]))
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Db);
     assert_eq!(
@@ -172,14 +174,14 @@ fn read_transactions_run_read_only_on_a_replica() {
 
     // A read-only transaction on the primary rejects writes the same way.
     let err = cluster
-        .transaction_with(TransactionOptions::new().read_only(true), |tx| {
-            tx.execute("INSERT INTO r VALUES (4)", &[])
-        })
+        .build_transaction()
+        .read_only(true)
+        .run(|tx| tx.execute("INSERT INTO r VALUES (4)", &[]))
         .unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::READ_ONLY_SQL_TRANSACTION));
 }
 
-fn create_user(db: &impl Executor, id: i32) -> pgxkit::Result<u64> {
+fn create_user(db: &impl Writes, id: i32) -> pgxkit::Result<u64> {
     db.execute("INSERT INTO t VALUES ($1, 'user')", &[&id])
 }
 
@@ -189,7 +191,7 @@ fn executor_code_runs_on_the_cluster_and_in_transactions() {
     create_user(&cluster, 1).unwrap();
     cluster.transaction(|tx| create_user(tx, 2)).unwrap();
     let err = cluster
-        .transaction(|tx| {
+        .transaction(|tx| -> pgxkit::Result<_> {
             create_user(tx, 3)?;
             create_user(tx, 1)
         })
@@ -221,8 +223,10 @@ fn serialization_failures_are_retried_until_both_commit_once() {
             );
             std::thread::spawn(move || {
                 let mine = AtomicUsize::new(0);
-                let options = TransactionOptions::new().isolation(IsolationLevel::Serializable);
-                let result = cluster.transaction_with_retry_opts(&policy, options, |tx| {
+                let serializable = cluster
+                    .build_transaction()
+                    .isolation(IsolationLevel::Serializable);
+                let result = serializable.retry(&policy).run(|tx| {
                     attempts.fetch_add(1, Ordering::SeqCst);
                     let seen: i64 = tx.query_one("SELECT count(*) FROM ledger", &[])?.get(0);
                     if mine.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -274,7 +278,9 @@ fn a_unique_violation_is_not_retried() {
         .unwrap();
     let attempts = AtomicUsize::new(0);
     let err = cluster
-        .transaction_with_retry(&RetryPolicy::default(), |tx| {
+        .build_transaction()
+        .retry(&RetryPolicy::default())
+        .run(|tx| -> pgxkit::Result<_> {
             attempts.fetch_add(1, Ordering::SeqCst);
             tx.execute("INSERT INTO t VALUES (1, 'again')", &[])
         })
@@ -352,7 +358,9 @@ fn a_connection_lost_during_commit_is_ambiguous_and_never_retried() {
         })
     };
     let err = cluster
-        .transaction_with_retry(&RetryPolicy::default(), |tx| {
+        .build_transaction()
+        .retry(&RetryPolicy::default())
+        .run(|tx| -> pgxkit::Result<_> {
             attempts.fetch_add(1, Ordering::SeqCst);
             *backend.lock().unwrap() = Some(tx.query_one("SELECT pg_backend_pid()", &[])?.get(0));
             tx.execute("INSERT INTO t VALUES (1, 'maybe')", &[])
@@ -370,7 +378,9 @@ fn a_connection_lost_before_commit_is_retried_and_commits_once() {
     let mut admin = local.primary().client().unwrap();
     let attempts = AtomicUsize::new(0);
     let committed = cluster
-        .transaction_with_retry(&RetryPolicy::default(), |tx| {
+        .build_transaction()
+        .retry(&RetryPolicy::default())
+        .run(|tx| -> pgxkit::Result<_> {
             let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
             tx.execute("INSERT INTO t VALUES (1, 'once')", &[])?;
             if attempt == 1 {
@@ -395,12 +405,12 @@ fn a_connection_lost_before_commit_is_retried_and_commits_once() {
 #[test]
 fn a_deferrable_read_only_serializable_transaction_is_one() {
     let (_local, cluster) = setup();
-    let options = TransactionOptions::new()
+    let settings = cluster
+        .build_transaction()
         .isolation(IsolationLevel::Serializable)
         .read_only(true)
-        .deferrable(true);
-    let settings = cluster
-        .transaction_with(options, |tx| {
+        .deferrable(true)
+        .run(|tx| -> pgxkit::Result<_> {
             let show = |name: &str| -> pgxkit::Result<String> {
                 Ok(tx.query_one(&format!("SHOW {name}"), &[])?.get(0))
             };
@@ -417,10 +427,10 @@ fn a_deferrable_read_only_serializable_transaction_is_one() {
     );
     // And a write in it is refused by the server.
     let err = cluster
-        .transaction_with(
-            TransactionOptions::new().read_only(true).deferrable(true),
-            |tx| tx.execute("INSERT INTO t VALUES (9, 'no')", &[]),
-        )
+        .build_transaction()
+        .read_only(true)
+        .deferrable(true)
+        .run(|tx| tx.execute("INSERT INTO t VALUES (9, 'no')", &[]))
         .unwrap_err();
     assert_eq!(
         err.code(),

@@ -19,7 +19,8 @@ pub fn builder_for(local: &LocalCluster) -> ClusterBuilder {
 /// The port of the server that ran a read.
 pub fn read_port(cluster: &Cluster) -> u16 {
     let port: i32 = cluster
-        .read_query_one("SELECT inet_server_port()", &[])
+        .replica()
+        .query_one("SELECT inet_server_port()", &[])
         .unwrap()
         .get(0);
     port as u16
