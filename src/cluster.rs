@@ -191,6 +191,14 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// A builder for a cluster with a primary and any number of replicas.
+    ///
+    /// ```no_run
+    /// let cluster = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db-primary/app")
+    ///     .replica("postgres://app@db-replica/app")
+    ///     .build()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn builder() -> ClusterBuilder {
         ClusterBuilder::default()
     }
@@ -857,6 +865,13 @@ impl Cluster {
 
     /// The cluster's health as the monitor last saw it, with live pool
     /// numbers; no I/O. See [`HealthReport`].
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let report = cluster.health();
+    /// println!("{}: {} node(s)", report.status, report.nodes.len());
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     #[must_use]
     pub fn health(&self) -> HealthReport {
         let nodes = self

@@ -232,6 +232,12 @@ impl ClusterBuilder {
     }
 
     /// The primary's DSN (URL or key=value). Required.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .replica("postgres://app@db-replica/app");
+    /// ```
     pub fn primary(mut self, dsn: impl Into<String>) -> Self {
         self.primary = Some(dsn.into());
         self
@@ -239,6 +245,13 @@ impl ClusterBuilder {
 
     /// Adds a read replica's DSN; call once per replica. Defaults to none:
     /// reads then go to the primary.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .replica("postgres://app@db-replica-1/app")
+    ///     .replica("postgres://app@db-replica-2/app");
+    /// ```
     pub fn replica(mut self, dsn: impl Into<String>) -> Self {
         self.replicas.push(dsn.into());
         self
@@ -252,6 +265,12 @@ impl ClusterBuilder {
     /// not trade connections while the pool fills; at this many, or while
     /// opening connections fails, it waits for one to be released. Either
     /// wait is bounded by [`checkout_timeout`](Self::checkout_timeout).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .max_conns(20);
+    /// ```
     pub fn max_conns(mut self, n: u32) -> Self {
         self.pool.max_conns = Some(n);
         self
@@ -259,6 +278,12 @@ impl ClusterBuilder {
 
     /// Connections per node kept open even when idle. Defaults to the DSN's
     /// `pool_min_conns`, else 0.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .min_conns(2);
+    /// ```
     pub fn min_conns(mut self, n: u32) -> Self {
         self.pool.min_conns = Some(n);
         self
@@ -268,6 +293,13 @@ impl ClusterBuilder {
     /// returned or checked out; idle ones within a second, or within 30 s
     /// with [`min_conns`](Self::min_conns)). At most one year. Defaults to
     /// the DSN's `pool_max_conn_lifetime`, else 1 hour.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .max_conn_lifetime(Duration::from_secs(1800));
+    /// ```
     pub fn max_conn_lifetime(mut self, d: Duration) -> Self {
         self.pool.max_conn_lifetime = Some(d);
         self
@@ -276,6 +308,14 @@ impl ClusterBuilder {
     /// Each connection's lifetime is `max_conn_lifetime` plus a random part
     /// of this, so a pool never recycles all its connections at once.
     /// Defaults to the DSN's `pool_max_conn_lifetime_jitter`, else 0.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .max_conn_lifetime(Duration::from_secs(3600))
+    ///     .max_conn_lifetime_jitter(Duration::from_secs(600));
+    /// ```
     pub fn max_conn_lifetime_jitter(mut self, d: Duration) -> Self {
         self.pool.max_conn_lifetime_jitter = Some(d);
         self
@@ -326,6 +366,13 @@ impl ClusterBuilder {
     /// opening a new one) before failing with
     /// [`ErrorKind::PoolTimeout`](crate::ErrorKind::PoolTimeout) or
     /// [`ErrorKind::Connect`](crate::ErrorKind::Connect). Defaults to 10 seconds.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .checkout_timeout(Duration::from_secs(2));
+    /// ```
     pub fn checkout_timeout(mut self, d: Duration) -> Self {
         self.checkout_timeout = d;
         self
@@ -333,6 +380,13 @@ impl ClusterBuilder {
 
     /// How long opening one connection may take. Defaults to the DSN's
     /// `connect_timeout`, else 10 seconds.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .connect_timeout(Duration::from_secs(3));
+    /// ```
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = Some(d);
         self
@@ -341,6 +395,13 @@ impl ClusterBuilder {
     /// A pooled connection idle for longer than this is checked with a
     /// round trip before it is handed out; fresher ones are not, so a busy
     /// pool pays no ping per checkout. Defaults to 1 second.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .validate_after_idle(Duration::from_secs(5));
+    /// ```
     pub fn validate_after_idle(mut self, d: Duration) -> Self {
         self.validate_after_idle = d;
         self
@@ -348,6 +409,12 @@ impl ClusterBuilder {
 
     /// `application_name` of every connection (shown in `pg_stat_activity`).
     /// Defaults to the DSN's, else `pgxkit`.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .application_name("billing-worker");
+    /// ```
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = Some(name.into());
         self
@@ -356,6 +423,12 @@ impl ClusterBuilder {
     /// When `true`, `build()` does not connect to the primary first, so it
     /// succeeds while the primary is down. Defaults to `false`: an
     /// unreachable primary fails `build()`. Unreachable replicas never do.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .lazy_connect(true); // build() succeeds while the primary is down
+    /// ```
     pub fn lazy_connect(mut self, lazy: bool) -> Self {
         self.lazy_connect = lazy;
         self
@@ -365,6 +438,12 @@ impl ClusterBuilder {
     /// breaker. Only failures of the node count (could not connect, connection
     /// lost, checkout timeout, SQLSTATE class 08 and 57P01-57P03); a unique
     /// violation or a syntax error never does. Defaults to 5.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .failure_threshold(3);
+    /// ```
     pub fn failure_threshold(mut self, n: u32) -> Self {
         self.breaker.failure_threshold = n;
         self
@@ -372,6 +451,13 @@ impl ClusterBuilder {
 
     /// How long an open breaker fails calls fast before letting a trial
     /// call through. A successful health probe closes it sooner. Defaults to 30 seconds.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .open_duration(Duration::from_secs(10));
+    /// ```
     pub fn open_duration(mut self, d: Duration) -> Self {
         self.breaker.open_duration = d;
         self
@@ -379,6 +465,12 @@ impl ClusterBuilder {
 
     /// How many trial calls a half-open breaker lets through at once.
     /// Defaults to 1.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .half_open_max_calls(2);
+    /// ```
     pub fn half_open_max_calls(mut self, n: u32) -> Self {
         self.breaker.half_open_max_calls = n;
         self
@@ -387,6 +479,14 @@ impl ClusterBuilder {
     /// A replica whose replay lags the primary by more than this gets no
     /// reads until it catches up (measured each health period). Defaults to
     /// no limit.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .replica("postgres://app@db-replica/app")
+    ///     .max_replica_lag(Duration::from_secs(5));
+    /// ```
     pub fn max_replica_lag(mut self, d: Duration) -> Self {
         self.max_replica_lag = Some(d);
         self
@@ -394,6 +494,13 @@ impl ClusterBuilder {
 
     /// Like [`max_replica_lag`](Self::max_replica_lag), in bytes of WAL not
     /// yet replayed. Defaults to no limit.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .replica("postgres://app@db-replica/app")
+    ///     .max_replica_lag_bytes(16 * 1024 * 1024);
+    /// ```
     pub fn max_replica_lag_bytes(mut self, bytes: u64) -> Self {
         self.max_replica_lag_bytes = Some(bytes);
         self
@@ -401,6 +508,13 @@ impl ClusterBuilder {
 
     /// What reads do when no replica is eligible. Defaults to
     /// [`ReadFallback::Primary`].
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .replica("postgres://app@db-replica/app")
+    ///     .read_fallback(pgxkit::ReadFallback::Error);
+    /// ```
     pub fn read_fallback(mut self, fallback: ReadFallback) -> Self {
         self.read_fallback = fallback;
         self
@@ -409,6 +523,14 @@ impl ClusterBuilder {
     /// How reads are spread over the eligible replicas. Defaults to
     /// [`ReadBalance::PerThread`]: each thread stays on one replica, threads
     /// are spread round-robin; [`ReadBalance::PerCall`] alternates every read.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .replica("postgres://app@db-replica-1/app")
+    ///     .replica("postgres://app@db-replica-2/app")
+    ///     .read_balance(pgxkit::ReadBalance::PerCall);
+    /// ```
     pub fn read_balance(mut self, balance: ReadBalance) -> Self {
         self.read_balance = balance;
         self
@@ -418,6 +540,17 @@ impl ClusterBuilder {
     /// before a connection is checked out. An `Err` (or a panic) vetoes the
     /// operation: it never reaches the server, and the caller gets
     /// [`ErrorKind::Hook`](crate::ErrorKind::Hook). Hooks run in the order added.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .before_operation(|op| {
+    ///         if op.sql().contains("DROP TABLE") {
+    ///             return Err("no DROP TABLE from the application".into());
+    ///         }
+    ///         Ok(())
+    ///     });
+    /// ```
     pub fn before_operation(
         mut self,
         hook: impl Fn(&BeforeOperation<'_>) -> HookResult + Send + Sync + 'static,
@@ -430,6 +563,17 @@ impl ClusterBuilder {
     /// error. An `Err` from it is logged, and returned as
     /// [`ErrorKind::Hook`](crate::ErrorKind::Hook) only if the operation
     /// itself succeeded (the operation's own error wins).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .after_operation(|op| {
+    ///         if !op.is_ok() {
+    ///             log::warn!("{} on {} failed after {:?}", op.kind(), op.node(), op.duration());
+    ///         }
+    ///         Ok(())
+    ///     });
+    /// ```
     pub fn after_operation(
         mut self,
         hook: impl Fn(&AfterOperation<'_>) -> HookResult + Send + Sync + 'static,
@@ -439,6 +583,15 @@ impl ClusterBuilder {
     }
 
     /// Adds a hook run before a transaction begins; an `Err` vetoes it.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .before_transaction(|tx| {
+    ///         log::debug!("transaction on {} (read-only: {})", tx.node(), tx.read_only());
+    ///         Ok(())
+    ///     });
+    /// ```
     pub fn before_transaction(
         mut self,
         hook: impl Fn(&TransactionEvent<'_>) -> HookResult + Send + Sync + 'static,
@@ -448,6 +601,15 @@ impl ClusterBuilder {
     }
 
     /// Adds a hook run after a transaction commits or rolls back.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .after_transaction(|tx| {
+    ///         log::info!("{:?} after {:?}", tx.outcome(), tx.duration());
+    ///         Ok(())
+    ///     });
+    /// ```
     pub fn after_transaction(
         mut self,
         hook: impl Fn(&TransactionEvent<'_>) -> HookResult + Send + Sync + 'static,
@@ -474,6 +636,12 @@ impl ClusterBuilder {
     }
 
     /// Adds a hook run when a connection leaves its pool (with its age and the reason).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .on_disconnect(|ev| log::info!("{} closed a connection: {:?}", ev.node(), ev.reason()));
+    /// ```
     pub fn on_disconnect(
         mut self,
         hook: impl Fn(&ConnectionEvent<'_>) + Send + Sync + 'static,
@@ -483,6 +651,12 @@ impl ClusterBuilder {
     }
 
     /// Adds a hook run on every checkout (with the wait).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .on_acquire(|ev| log::trace!("waited {:?} for a connection to {}", ev.duration(), ev.node()));
+    /// ```
     pub fn on_acquire(
         mut self,
         hook: impl Fn(&ConnectionEvent<'_>) + Send + Sync + 'static,
@@ -492,6 +666,12 @@ impl ClusterBuilder {
     }
 
     /// Adds a hook run when a checked-out connection is given back (with how long it was held).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .on_release(|ev| log::trace!("held a connection to {} for {:?}", ev.node(), ev.duration()));
+    /// ```
     pub fn on_release(
         mut self,
         hook: impl Fn(&ConnectionEvent<'_>) + Send + Sync + 'static,
@@ -501,12 +681,24 @@ impl ClusterBuilder {
     }
 
     /// Adds a hook run when `shutdown` begins.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .on_shutdown(|ev| log::info!("draining {} operations within {:?}", ev.in_flight(), ev.deadline()));
+    /// ```
     pub fn on_shutdown(mut self, hook: impl Fn(&ShutdownEvent) + Send + Sync + 'static) -> Self {
         self.hooks.on_shutdown.push(Arc::new(hook));
         self
     }
 
     /// Adds a hook run when a node's circuit breaker changes state.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .on_breaker_state_change(|ev| log::warn!("breaker of {}: {:?}", ev.node(), ev.breaker_change()));
+    /// ```
     pub fn on_breaker_state_change(
         mut self,
         hook: impl Fn(&NodeEvent<'_>) + Send + Sync + 'static,
@@ -516,6 +708,12 @@ impl ClusterBuilder {
     }
 
     /// Adds a hook run when the health monitor finds a node gone down or back up.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .on_node_health_change(|ev| log::warn!("{} is {}", ev.node(), if ev.up() == Some(true) { "up" } else { "down" }));
+    /// ```
     pub fn on_node_health_change(
         mut self,
         hook: impl Fn(&NodeEvent<'_>) + Send + Sync + 'static,
@@ -527,6 +725,12 @@ impl ClusterBuilder {
     /// Whether hooks (and the ready-made slow-query log) may see statement
     /// parameters as text. They may hold personal data. Defaults to `false`:
     /// hooks see only the count.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .log_parameters(true); // hooks may now see parameter values
+    /// ```
     pub fn log_parameters(mut self, yes: bool) -> Self {
         self.hooks.log_parameters = yes;
         self
@@ -534,6 +738,13 @@ impl ClusterBuilder {
 
     /// Logs (once, at `warn`) any connection checked out for longer than
     /// this: a leak, or a transaction left open. Defaults to off.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .leak_detection_threshold(Duration::from_secs(30));
+    /// ```
     pub fn leak_detection_threshold(mut self, d: Duration) -> Self {
         self.leak_threshold = Some(d);
         self
@@ -541,6 +752,14 @@ impl ClusterBuilder {
 
     /// With leak detection on, capture a backtrace at each checkout and log
     /// it with the leak. Costly; defaults to `false`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .leak_detection_threshold(Duration::from_secs(30))
+    ///     .leak_detection_backtrace(true);
+    /// ```
     pub fn leak_detection_backtrace(mut self, yes: bool) -> Self {
         self.leak_backtrace = yes;
         self
@@ -551,6 +770,13 @@ impl ClusterBuilder {
     /// longer is cancelled and fails with
     /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout). A per-call deadline
     /// ([`Cluster::with_timeout`](crate::Cluster::with_timeout)) can be shorter. Defaults to none.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .statement_timeout(Duration::from_secs(30));
+    /// ```
     pub fn statement_timeout(mut self, d: Duration) -> Self {
         self.statement_timeout = Some(d);
         self
@@ -560,6 +786,13 @@ impl ClusterBuilder {
     /// stay unacknowledged before the connection is dropped, so a dead peer
     /// or a black-holed network is noticed. Defaults to the DSN's
     /// `tcp_user_timeout`, else the OS default.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .tcp_user_timeout(Duration::from_secs(10));
+    /// ```
     pub fn tcp_user_timeout(mut self, d: Duration) -> Self {
         self.tcp_user_timeout = Some(d);
         self
@@ -568,6 +801,13 @@ impl ClusterBuilder {
     /// TCP keepalives on every connection, first probe after `idle`, so an
     /// idle connection to a dead peer is noticed. Defaults to the DSN's
     /// `keepalives_idle`, else the driver's default (keepalives on, 2 hours).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .keepalives_idle(Duration::from_secs(30));
+    /// ```
     pub fn keepalives_idle(mut self, idle: Duration) -> Self {
         self.keepalives_idle = Some(idle);
         self
@@ -577,6 +817,12 @@ impl ClusterBuilder {
     /// node's `sslmode` must be `require`, `verify-ca` or `verify-full`
     /// (`prefer` may fall back to plaintext), and every connection `build()`
     /// makes is checked in `pg_stat_ssl`. Defaults to `false`.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .require_tls(true); // build() fails unless every node's sslmode is require or stricter
+    /// ```
     pub fn require_tls(mut self, yes: bool) -> Self {
         self.require_tls = yes;
         self
@@ -585,6 +831,12 @@ impl ClusterBuilder {
     /// How parameterised operations reach the server; see [`StatementMode`].
     /// A handle can differ per call ([`Cluster::with_statement_mode`](crate::Cluster::with_statement_mode)).
     /// Defaults to [`StatementMode::Cached`].
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .statement_mode(pgxkit::StatementMode::Unnamed); // behind PgBouncer in transaction mode
+    /// ```
     pub fn statement_mode(mut self, mode: StatementMode) -> Self {
         self.statement_mode = mode;
         self
@@ -592,6 +844,12 @@ impl ClusterBuilder {
 
     /// How many prepared statements each connection keeps (LRU; an evicted
     /// one is closed on the server). 0 turns caching off. Defaults to 512.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .statement_cache_capacity(128);
+    /// ```
     pub fn statement_cache_capacity(mut self, n: usize) -> Self {
         self.statement_cache_capacity = n;
         self
@@ -599,6 +857,14 @@ impl ClusterBuilder {
 
     /// Captures the plan of statements slower than the capture's threshold,
     /// on a background worker (see [`PlanCapture`]). Defaults to off.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgxkit::PlanCapture;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db/app")
+    ///     .capture_slow_plans(PlanCapture::new(Duration::from_millis(500)));
+    /// ```
     pub fn capture_slow_plans(mut self, capture: PlanCapture) -> Self {
         self.plan_capture = Some(capture);
         self
@@ -634,6 +900,14 @@ impl ClusterBuilder {
     /// [`ErrorKind::Config`](crate::ErrorKind::Config) for bad input, naming
     /// the key; [`ErrorKind::Connect`](crate::ErrorKind::Connect) when the
     /// primary cannot be reached.
+    ///
+    /// ```no_run
+    /// let cluster = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db-primary/app")
+    ///     .replica("postgres://app@db-replica/app")
+    ///     .build()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn build(self) -> Result<Cluster> {
         Cluster::start(self.resolve()?)
     }

@@ -36,6 +36,10 @@ pub enum SslMode {
 
 impl SslMode {
     /// The libpq spelling: `disable`, `prefer`, `require`, `verify-ca`, `verify-full`.
+    ///
+    /// ```
+    /// assert_eq!(pgxkit::SslMode::VerifyFull.as_str(), "verify-full");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",

@@ -18,9 +18,23 @@ use crate::breaker::BreakerState;
 use crate::error::{Error, ErrorKind, NodeInfo, Role};
 
 /// What a hook returns: `Err` vetoes (before-hooks) or reports (after-hooks).
+///
+/// ```
+/// let veto: pgxkit::HookResult = Err("not from this service".into());
+/// assert!(veto.is_err());
+/// ```
 pub type HookResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 /// The operation a hook event is about.
+///
+/// ```
+/// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+///     if op.kind() == pgxkit::OperationKind::CopyIn {
+///         log::info!("bulk load of {:?} rows", op.rows());
+///     }
+///     Ok(())
+/// });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum OperationKind {
@@ -112,32 +126,81 @@ pub struct BeforeOperation<'a> {
 
 impl BeforeOperation<'_> {
     /// Which operation.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().before_operation(|op| {
+    ///     log::debug!("kind: {:?}", op.kind());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn kind(&self) -> OperationKind {
         self.kind
     }
     /// The SQL (empty for `with_client`).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().before_operation(|op| {
+    ///     log::debug!("sql: {:?}", op.sql());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn sql(&self) -> &str {
         self.sql
     }
     /// The node it will run on.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().before_operation(|op| {
+    ///     log::debug!("node: {:?}", op.node());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn node(&self) -> &NodeInfo {
         self.node
     }
     /// The node's role.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().before_operation(|op| {
+    ///     log::debug!("role: {:?}", op.role());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn role(&self) -> Role {
         self.node.role()
     }
     /// How the call was routed: [`Role::Replica`] for a call through the
     /// read handle ([`Cluster::replica`](crate::Cluster::replica)), even
     /// when it fell back to the primary; [`Role::Primary`] otherwise.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().before_operation(|op| {
+    ///     log::debug!("route: {:?}", op.route());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn route(&self) -> Role {
         self.route
     }
     /// How many parameters the statement has.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().before_operation(|op| {
+    ///     log::debug!("param_count: {:?}", op.param_count());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn param_count(&self) -> usize {
         self.params.params.len()
     }
     /// The parameters as `Debug` text, only when `log_parameters(true)` is set.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().before_operation(|op| {
+    ///     log::debug!("params: {:?}", op.params());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn params(&self) -> Option<Vec<String>> {
         self.params.texts()
     }
@@ -176,47 +239,124 @@ pub struct AfterOperation<'a> {
 
 impl AfterOperation<'_> {
     /// Which operation.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+    ///     log::debug!("kind: {:?}", op.kind());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn kind(&self) -> OperationKind {
         self.before.kind
     }
     /// The SQL (empty for `with_client`).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+    ///     log::debug!("sql: {:?}", op.sql());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn sql(&self) -> &str {
         self.before.sql
     }
     /// The node it ran on.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+    ///     log::debug!("node: {:?}", op.node());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn node(&self) -> &NodeInfo {
         self.before.node
     }
     /// The node's role.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+    ///     log::debug!("role: {:?}", op.role());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn role(&self) -> Role {
         self.before.node.role()
     }
     /// How the call was routed (see [`BeforeOperation::route`]).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+    ///     log::debug!("route: {:?}", op.route());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn route(&self) -> Role {
         self.before.route
     }
     /// How many parameters the statement had.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+    ///     log::debug!("param_count: {:?}", op.param_count());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn param_count(&self) -> usize {
         self.before.param_count()
     }
     /// The parameters as `Debug` text, only when `log_parameters(true)` is set.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+    ///     log::debug!("params: {:?}", op.params());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn params(&self) -> Option<Vec<String>> {
         self.before.params()
     }
     /// From just before checkout to the end of the statement.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+    ///     log::debug!("duration: {:?}", op.duration());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn duration(&self) -> Duration {
         self.duration
     }
     /// Rows affected (`execute`) or returned (queries), where known.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+    ///     log::debug!("rows: {:?}", op.rows());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn rows(&self) -> Option<u64> {
         self.rows
     }
     /// The operation's error, if it failed with a `pgxkit::Error`
     /// (`None` too when a closure returned an error of the caller's own type).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+    ///     log::debug!("error: {:?}", op.error());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn error(&self) -> Option<&Error> {
         self.error
     }
     /// Whether it succeeded.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_operation(|op| {
+    ///     log::debug!("is_ok: {:?}", op.is_ok());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn is_ok(&self) -> bool {
         !self.failed
     }
@@ -237,6 +377,16 @@ impl fmt::Debug for AfterOperation<'_> {
 }
 
 /// How a transaction ended.
+///
+/// ```
+/// use pgxkit::hooks::TransactionOutcome;
+/// let builder = pgxkit::Cluster::builder().after_transaction(|tx| {
+///     if tx.outcome() == Some(TransactionOutcome::Unknown) {
+///         log::error!("a COMMIT on {} may or may not have happened", tx.node());
+///     }
+///     Ok(())
+/// });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum TransactionOutcome {
@@ -249,6 +399,13 @@ pub enum TransactionOutcome {
 }
 
 /// Seen by `before_transaction` (no outcome yet) and `after_transaction` hooks.
+///
+/// ```
+/// let builder = pgxkit::Cluster::builder().after_transaction(|tx| {
+///     log::debug!("{:?} on {} after {:?} (error: {:?})", tx.outcome(), tx.node(), tx.duration(), tx.error());
+///     Ok(())
+/// });
+/// ```
 pub struct TransactionEvent<'a> {
     pub(crate) node: &'a NodeInfo,
     pub(crate) read_only: bool,
@@ -259,22 +416,57 @@ pub struct TransactionEvent<'a> {
 
 impl TransactionEvent<'_> {
     /// The node the transaction runs on.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_transaction(|tx| {
+    ///     log::debug!("node: {:?}", tx.node());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn node(&self) -> &NodeInfo {
         self.node
     }
     /// Whether it is a read-only transaction.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_transaction(|tx| {
+    ///     log::debug!("read_only: {:?}", tx.read_only());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn read_only(&self) -> bool {
         self.read_only
     }
     /// Commit or rollback (`None` in `before_transaction`).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_transaction(|tx| {
+    ///     log::debug!("outcome: {:?}", tx.outcome());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn outcome(&self) -> Option<TransactionOutcome> {
         self.outcome
     }
     /// From `BEGIN` to the end (zero in `before_transaction`).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_transaction(|tx| {
+    ///     log::debug!("duration: {:?}", tx.duration());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn duration(&self) -> Duration {
         self.duration
     }
     /// The error that ended it, if any.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder().after_transaction(|tx| {
+    ///     log::debug!("error: {:?}", tx.error());
+    ///     Ok(())
+    /// });
+    /// ```
     pub fn error(&self) -> Option<&Error> {
         self.error
     }
@@ -292,6 +484,15 @@ impl fmt::Debug for TransactionEvent<'_> {
 }
 
 /// Why a connection left its pool.
+///
+/// ```
+/// use pgxkit::hooks::DisconnectReason;
+/// let builder = pgxkit::Cluster::builder().on_disconnect(|ev| {
+///     if ev.reason() == Some(DisconnectReason::Broken) {
+///         log::warn!("lost a connection to {}", ev.node());
+///     }
+/// });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum DisconnectReason {
@@ -304,6 +505,11 @@ pub enum DisconnectReason {
 }
 
 /// Seen by connection hooks (`on_disconnect`, `on_acquire`, `on_release`).
+///
+/// ```
+/// let builder = pgxkit::Cluster::builder()
+///     .on_acquire(|ev| log::trace!("{}: waited {:?}", ev.node(), ev.duration()));
+/// ```
 #[derive(Debug)]
 pub struct ConnectionEvent<'a> {
     pub(crate) node: &'a NodeInfo,
@@ -313,21 +519,41 @@ pub struct ConnectionEvent<'a> {
 
 impl ConnectionEvent<'_> {
     /// The connection's node.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .on_release(|ev| log::debug!("node: {:?}", ev.node()));
+    /// ```
     pub fn node(&self) -> &NodeInfo {
         self.node
     }
     /// `on_acquire`: the wait for the connection; `on_release`: how long it
     /// was held; `on_disconnect`: its age.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .on_release(|ev| log::debug!("duration: {:?}", ev.duration()));
+    /// ```
     pub fn duration(&self) -> Duration {
         self.duration
     }
     /// `on_disconnect`: why it was closed.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .on_release(|ev| log::debug!("reason: {:?}", ev.reason()));
+    /// ```
     pub fn reason(&self) -> Option<DisconnectReason> {
         self.reason
     }
 }
 
 /// Seen by `on_breaker_state_change` and `on_node_health_change` hooks.
+///
+/// ```
+/// let builder = pgxkit::Cluster::builder()
+///     .on_node_health_change(|ev| log::warn!("{}: up = {:?}", ev.node(), ev.up()));
+/// ```
 #[derive(Debug)]
 pub struct NodeEvent<'a> {
     pub(crate) node: &'a NodeInfo,
@@ -337,20 +563,40 @@ pub struct NodeEvent<'a> {
 
 impl NodeEvent<'_> {
     /// The node.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .on_breaker_state_change(|ev| log::debug!("node: {:?}", ev.node()));
+    /// ```
     pub fn node(&self) -> &NodeInfo {
         self.node
     }
     /// For a breaker change: the states before and after.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .on_breaker_state_change(|ev| log::debug!("breaker_change: {:?}", ev.breaker_change()));
+    /// ```
     pub fn breaker_change(&self) -> Option<(BreakerState, BreakerState)> {
         self.breaker
     }
     /// For a health change: whether the node is up now.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .on_breaker_state_change(|ev| log::debug!("up: {:?}", ev.up()));
+    /// ```
     pub fn up(&self) -> Option<bool> {
         self.up
     }
 }
 
 /// Seen by `on_shutdown` hooks.
+///
+/// ```
+/// let builder = pgxkit::Cluster::builder()
+///     .on_shutdown(|ev| log::info!("{} in flight, deadline {:?}", ev.in_flight(), ev.deadline()));
+/// ```
 #[derive(Debug)]
 pub struct ShutdownEvent {
     pub(crate) deadline: Duration,
@@ -359,10 +605,20 @@ pub struct ShutdownEvent {
 
 impl ShutdownEvent {
     /// The deadline given to `shutdown`.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .on_shutdown(|ev| log::debug!("deadline: {:?}", ev.deadline()));
+    /// ```
     pub fn deadline(&self) -> Duration {
         self.deadline
     }
     /// Operations still running when shutdown began.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .on_shutdown(|ev| log::debug!("in_flight: {:?}", ev.in_flight()));
+    /// ```
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }

@@ -61,6 +61,11 @@ impl fmt::Debug for PlanCapture {
 
 impl PlanCapture {
     /// Captures the plan of every statement that takes longer than `threshold`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let capture = pgxkit::PlanCapture::new(Duration::from_millis(250));
+    /// ```
     pub fn new(threshold: Duration) -> Self {
         PlanCapture {
             threshold,
@@ -73,6 +78,11 @@ impl PlanCapture {
     /// Use `EXPLAIN ANALYZE` (which runs the statement again, read-only and
     /// rolled back) for calls through the read handle
     /// ([`Cluster::replica`](crate::Cluster::replica)). Defaults to `false`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let capture = pgxkit::PlanCapture::new(Duration::from_millis(250)).analyze_reads(true);
+    /// ```
     pub fn analyze_reads(mut self, yes: bool) -> Self {
         self.analyze_reads = yes;
         self
@@ -80,6 +90,11 @@ impl PlanCapture {
 
     /// How many plan jobs may wait; more are dropped. At least 1 (a 0 is
     /// taken as 1) and at most 100,000 (more fails `build()`). Defaults to 16.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let capture = pgxkit::PlanCapture::new(Duration::from_millis(250)).queue(64);
+    /// ```
     pub fn queue(mut self, jobs: usize) -> Self {
         self.queue = jobs.max(1);
         self
@@ -91,6 +106,12 @@ impl PlanCapture {
 
     /// Hands each plan to `handler` (on the worker thread) instead of
     /// logging it at `info` level.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let capture = pgxkit::PlanCapture::new(Duration::from_millis(250))
+    ///     .on_plan(|plan| log::info!("{} took {:?}: {}", plan.sql(), plan.duration(), plan.json()));
+    /// ```
     pub fn on_plan(mut self, handler: impl Fn(&CapturedPlan) + Send + Sync + 'static) -> Self {
         self.handler = Some(Arc::new(handler));
         self
@@ -98,6 +119,16 @@ impl PlanCapture {
 }
 
 /// A slow statement's plan.
+///
+/// ```
+/// use std::time::Duration;
+/// let capture = pgxkit::PlanCapture::new(Duration::from_millis(250)).on_plan(|plan| {
+///     log::info!(
+///         "{} via {} on {} ({:?}, analyzed: {}): {}",
+///         plan.kind(), plan.route(), plan.node(), plan.duration(), plan.analyzed(), plan.json()
+///     );
+/// });
+/// ```
 #[derive(Debug, Clone)]
 pub struct CapturedPlan {
     node: NodeInfo,
@@ -111,30 +142,65 @@ pub struct CapturedPlan {
 
 impl CapturedPlan {
     /// The node the statement ran on (and was explained on).
+    ///
+    /// ```
+    /// let capture = pgxkit::PlanCapture::new(std::time::Duration::from_millis(250))
+    ///     .on_plan(|plan| log::debug!("node: {:?}", plan.node()));
+    /// ```
     pub fn node(&self) -> &NodeInfo {
         &self.node
     }
     /// The operation.
+    ///
+    /// ```
+    /// let capture = pgxkit::PlanCapture::new(std::time::Duration::from_millis(250))
+    ///     .on_plan(|plan| log::debug!("kind: {:?}", plan.kind()));
+    /// ```
     pub fn kind(&self) -> OperationKind {
         self.kind
     }
     /// How it was routed: [`Role::Replica`] through the read handle.
+    ///
+    /// ```
+    /// let capture = pgxkit::PlanCapture::new(std::time::Duration::from_millis(250))
+    ///     .on_plan(|plan| log::debug!("route: {:?}", plan.route()));
+    /// ```
     pub fn route(&self) -> Role {
         self.route
     }
     /// The statement.
+    ///
+    /// ```
+    /// let capture = pgxkit::PlanCapture::new(std::time::Duration::from_millis(250))
+    ///     .on_plan(|plan| log::debug!("sql: {:?}", plan.sql()));
+    /// ```
     pub fn sql(&self) -> &str {
         &self.sql
     }
     /// How long the statement took.
+    ///
+    /// ```
+    /// let capture = pgxkit::PlanCapture::new(std::time::Duration::from_millis(250))
+    ///     .on_plan(|plan| log::debug!("duration: {:?}", plan.duration()));
+    /// ```
     pub fn duration(&self) -> Duration {
         self.duration
     }
     /// Whether the plan comes from `EXPLAIN ANALYZE`.
+    ///
+    /// ```
+    /// let capture = pgxkit::PlanCapture::new(std::time::Duration::from_millis(250))
+    ///     .on_plan(|plan| log::debug!("analyzed: {:?}", plan.analyzed()));
+    /// ```
     pub fn analyzed(&self) -> bool {
         self.analyzed
     }
     /// The plan, as `EXPLAIN (FORMAT JSON)` returns it.
+    ///
+    /// ```
+    /// let capture = pgxkit::PlanCapture::new(std::time::Duration::from_millis(250))
+    ///     .on_plan(|plan| log::debug!("json: {:?}", plan.json()));
+    /// ```
     pub fn json(&self) -> &str {
         &self.json
     }

@@ -49,24 +49,42 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// Retries after the first attempt. Defaults to 3.
+    ///
+    /// ```
+    /// let policy = pgxkit::RetryPolicy::default().max_retries(5);
+    /// ```
     pub fn max_retries(mut self, n: u32) -> Self {
         self.max_retries = n;
         self
     }
 
     /// The backoff before the first retry (before jitter). Defaults to 100 ms.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let policy = pgxkit::RetryPolicy::default().base_delay(Duration::from_millis(20));
+    /// ```
     pub fn base_delay(mut self, d: Duration) -> Self {
         self.base_delay = d;
         self
     }
 
     /// The cap on any one backoff. Defaults to 1 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let policy = pgxkit::RetryPolicy::default().max_delay(Duration::from_millis(500));
+    /// ```
     pub fn max_delay(mut self, d: Duration) -> Self {
         self.max_delay = d;
         self
     }
 
     /// Growth of the backoff per retry; values below 1 count as 1. Defaults to 2.
+    ///
+    /// ```
+    /// let policy = pgxkit::RetryPolicy::default().multiplier(3.0);
+    /// ```
     pub fn multiplier(mut self, m: f64) -> Self {
         self.multiplier = if m.is_finite() && m >= 1.0 { m } else { 1.0 };
         self
@@ -74,6 +92,10 @@ impl RetryPolicy {
 
     /// Full jitter (a random wait up to the backoff) or none (exactly the
     /// backoff). Defaults to `true`: retries of many clients spread out.
+    ///
+    /// ```
+    /// let policy = pgxkit::RetryPolicy::default().jitter(false); // exactly the backoff
+    /// ```
     pub fn jitter(mut self, yes: bool) -> Self {
         self.jitter = yes;
         self
@@ -81,6 +103,11 @@ impl RetryPolicy {
 
     /// A bound on all attempts and waits together; no retry starts after it.
     /// Defaults to none.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let policy = pgxkit::RetryPolicy::default().deadline(Duration::from_secs(2));
+    /// ```
     pub fn deadline(mut self, d: Duration) -> Self {
         self.deadline = Some(d);
         self

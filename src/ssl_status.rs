@@ -6,6 +6,15 @@ use crate::node::Node;
 
 /// Whether one node's connections are encrypted, from `pg_stat_ssl` for the
 /// session's own backend (as the Go guide's `validateConnection` does).
+///
+/// ```no_run
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+/// for status in cluster.ssl_status() {
+///     let s: pgxkit::SslStatus = status?;
+///     println!("{}: encrypted={} {:?}", s.node, s.encrypted, s.version);
+/// }
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SslStatus {

@@ -96,6 +96,12 @@ impl<'c> TransactionBuilder<'c> {
 
     /// The isolation level. Defaults to the server's default on the
     /// primary, `REPEATABLE READ` on a replica.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let tx = cluster.build_transaction().isolation(pgxkit::IsolationLevel::Serializable).begin()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn isolation(mut self, level: IsolationLevel) -> Self {
         self.isolation = Some(level);
         self
@@ -103,12 +109,31 @@ impl<'c> TransactionBuilder<'c> {
 
     /// A read-only transaction: the server rejects any write. Defaults to
     /// `false` on the primary; always `true` on a replica.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let total: i64 = cluster.build_transaction().read_only(true).run(|tx| {
+    ///     Ok::<_, pgxkit::Error>(tx.query_one("SELECT count(*) FROM orders", &[])?.get(0))
+    /// })?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn read_only(mut self, yes: bool) -> Self {
         self.read_only = yes;
         self
     }
 
     /// `DEFERRABLE` (meaningful with `SERIALIZABLE READ ONLY`). Defaults to `false`.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// use pgxkit::IsolationLevel;
+    /// let tx = cluster.build_transaction()
+    ///     .isolation(IsolationLevel::Serializable)
+    ///     .read_only(true)
+    ///     .deferrable(true) // waits for a snapshot free of serialization failures
+    ///     .begin()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
     pub fn deferrable(mut self, yes: bool) -> Self {
         self.deferrable = yes;
         self
@@ -205,6 +230,14 @@ impl<'c> TransactionBuilder<'c> {
 
 /// A transaction that runs again on retryable failures, from
 /// [`TransactionBuilder::retry`]; see there.
+///
+/// ```no_run
+/// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+/// let policy = pgxkit::RetryPolicy::default();
+/// let retrying: pgxkit::RetryingTransaction<'_, '_> = cluster.build_transaction().retry(&policy);
+/// retrying.run(|tx| tx.execute("UPDATE counters SET n = n + 1", &[]))?;
+/// # Ok::<(), pgxkit::Error>(())
+/// ```
 #[must_use = "a transaction builder does nothing until `run`"]
 pub struct RetryingTransaction<'c, 'p> {
     builder: TransactionBuilder<'c>,

@@ -86,6 +86,13 @@ impl Shared {
 /// Listens on `127.0.0.1` on a port of its own; [`dsn`](Self::dsn) is the
 /// node's DSN through it. Its threads poll every 10 ms, so a change takes
 /// effect within that; dropping it closes every connection and joins them.
+///
+/// ```no_run
+/// let local = pgxkit::testkit::LocalCluster::start(0)?;
+/// let proxy: pgxkit::testkit::FaultProxy = local.primary().fault_proxy()?;
+/// proxy.set(pgxkit::testkit::Fault::Silent); // accepts, forwards nothing: a silent node
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct FaultProxy {
     port: u16,
     dsn: String,
