@@ -7,6 +7,8 @@
 //! cargo run --release --example bench -- --callgrind         # client instructions per query
 //! cargo run --release --example bench -- --clients pgxkit,pgxkit-reads --threads 4,8
 //! cargo run --release --example bench -- --checkout          # the pool alone, no statement
+//! cargo run --release --example bench -- --baseline /tmp/before/target/release/examples/bench
+//!                                                            # this commit against another's build
 //! ```
 //!
 //! Clients, each with one connection per thread at most:
@@ -292,11 +294,31 @@ fn run_isolated(
     threads: usize,
     dur: Duration,
 ) -> Result<Cell, AnyError> {
+    run_isolated_by(
+        &std::env::current_exe()?,
+        setup,
+        client,
+        query,
+        threads,
+        dur,
+    )
+}
+
+/// [`run_isolated`] by the bench binary `exe` (this one, or `--baseline`'s
+/// build of another commit, whose `--cell` speaks the same protocol).
+fn run_isolated_by(
+    exe: &std::path::Path,
+    setup: &Setup,
+    client: Client,
+    query: Query,
+    threads: usize,
+    dur: Duration,
+) -> Result<Cell, AnyError> {
     if client == Client::Pgbench {
         return run(setup, client, query, threads, dur);
     }
     let q = QUERIES.iter().position(|&q| q == query).unwrap_or(0);
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = Command::new(exe)
         .args(["--cell", client.name(), &q.to_string()])
         .arg(threads.to_string())
         .arg(dur.as_secs_f64().to_string())
@@ -425,6 +447,15 @@ fn main() -> Result<(), AnyError> {
     if args.iter().any(|a| a == "--checkout") {
         return checkout_only(&setup, &threads, rounds, secs);
     }
+    if let Some(baseline) = value("--baseline") {
+        return against_baseline(
+            std::path::Path::new(&baseline),
+            &setup,
+            &threads,
+            rounds,
+            secs,
+        );
+    }
 
     println!(
         "pgxkit benchmark: {} round(s) of {:?} per cell after {:?} of warm-up, threads {threads:?}, server on loopback",
@@ -486,6 +517,62 @@ fn main() -> Result<(), AnyError> {
                     ratio(i, Client::Pgxkit),
                     ratio(i, Client::PgxkitRead1),
                     ratio(i, Client::Pgbench),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `--baseline EXE`: pgxkit's clients built by this commit against the same
+/// clients built by another (`EXE`, that commit's `examples/bench`), cell
+/// by cell in alternation on the same servers: queries/s of each and the
+/// median of the per-round ratios (this / baseline). What a change on the
+/// query path is judged by.
+fn against_baseline(
+    baseline: &std::path::Path,
+    setup: &Setup,
+    threads: &[usize],
+    rounds: usize,
+    secs: Duration,
+) -> Result<(), AnyError> {
+    let this = std::env::current_exe()?;
+    println!(
+        "this build against {}: {rounds} round(s) of {secs:?} per cell, alternating",
+        baseline.display()
+    );
+    println!("\n| query | threads | client | baseline queries/s | this queries/s | × baseline |");
+    println!("|---|---|---|---|---|---|");
+    for query in QUERIES {
+        for &t in threads {
+            for client in [Client::Pgxkit, Client::PgxkitReads] {
+                let (mut before, mut after, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+                for round in 0..rounds {
+                    // Alternate which goes first, so neither always runs on
+                    // a machine the other has just warmed.
+                    let mut pair = [(baseline, 0.0), (this.as_path(), 0.0)];
+                    if round % 2 == 1 {
+                        pair.reverse();
+                    }
+                    for (exe, qps) in &mut pair {
+                        *qps = run_isolated_by(exe, setup, client, query, t, secs)?.qps;
+                    }
+                    let (b, a) = if round % 2 == 1 {
+                        (pair[1].1, pair[0].1)
+                    } else {
+                        (pair[0].1, pair[1].1)
+                    };
+                    before.push(b);
+                    after.push(a);
+                    ratios.push(a / b);
+                }
+                println!(
+                    "| {} | {t} | {} | {:.0} | {:.0} | {:.3} |",
+                    query.name(),
+                    client.name(),
+                    median(before),
+                    median(after),
+                    median(ratios)
                 );
             }
         }
