@@ -31,8 +31,24 @@ const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The deadline of the calls that have one.
 const DEADLINE: Duration = Duration::from_millis(400);
 /// How far past its deadline a call may return: the shutdown grace (20 ms)
-/// plus scheduling.
+/// plus scheduling, on a machine that runs a ready thread within a few ms.
+/// When it does not (a loaded 2-core machine), the test adds the worst
+/// lateness it saw in a canary thread's sleeps: what the scheduler
+/// withheld is not the library's.
 const MARGIN: Duration = Duration::from_millis(50);
+
+/// The worst oversleep of 5 ms sleeps until `stop`: how late the machine
+/// ran a thread that was ready.
+fn scheduler_canary(stop: &AtomicBool) -> Duration {
+    let mut worst = Duration::ZERO;
+    let nap = Duration::from_millis(5);
+    while !stop.load(SeqCst) {
+        let started = Instant::now();
+        std::thread::sleep(nap);
+        worst = worst.max(started.elapsed().saturating_sub(nap));
+    }
+    worst
+}
 /// A call without a deadline: a checkout (bounded by its timeout), then a
 /// statement on a node that may go silent (a health period, the silence
 /// limit of 2 x 1 s, the monitor's 1 s upkeep tick); a read may take two
@@ -293,6 +309,10 @@ fn chaos() {
         })
         .collect();
 
+    let canary = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || scheduler_canary(&stop))
+    };
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut log = Vec::new();
     let started = Instant::now();
@@ -322,6 +342,7 @@ fn chaos() {
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, SeqCst);
     let records: Vec<Record> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let scheduling = canary.join().unwrap();
 
     let calls: u64 = records.iter().map(|r| r.calls).sum();
     let failures: u64 = records.iter().map(|r| r.failures).sum();
@@ -356,7 +377,8 @@ fn chaos() {
     eprintln!(
         "chaos: {calls} calls, {failures} failed; past the deadline (1 ms buckets): p50 {:?} \
          p99 {:?} max {:?} \
-         ({}); longest call without a deadline {:?} ({})",
+         ({}); longest call without a deadline {:?} ({}); the scheduler ran a ready \
+         thread up to {scheduling:?} late",
         pct(50),
         pct(99),
         worst_late.0,
@@ -385,8 +407,9 @@ fn chaos() {
 
     // Every call was bounded.
     assert!(
-        worst_late.0 <= MARGIN,
-        "a call returned {:?} past its deadline: {} (seed {seed})",
+        worst_late.0 <= MARGIN + scheduling,
+        "a call returned {:?} past its deadline (margin {MARGIN:?}, plus {scheduling:?} the \
+         scheduler ran a ready thread late): {} (seed {seed})",
         worst_late.0,
         worst_late.1
     );
