@@ -16,10 +16,10 @@ use crate::deadline::Watchdog;
 use crate::error::{Error, ErrorKind, NodeInfo, Result, Role};
 use crate::health::{self, HealthReport, NodeHealth};
 use crate::hooks::{self, Hooks, Op, OperationKind, ShutdownEvent};
-use crate::manager::{Connected, Connector};
 use crate::monitor;
 use crate::node::{Node, NodeOptions, Stmt};
 use crate::plans::{self, Capture};
+use crate::pool::manager::{Connected, Connector};
 use crate::replica::ReplicaHandle;
 use crate::rows::RowIter;
 use crate::shutdown::{InFlight, Lifecycle, ShutdownReport};
@@ -421,7 +421,7 @@ impl Cluster {
     /// Whether a replica may take reads now: up, breaker allowing a call,
     /// lag within the limits.
     fn eligible(&self, node: &Node) -> bool {
-        if !node.is_up() || !node.breaker_allows() {
+        if !node.is_up() || !node.gate.allows() {
             return false;
         }
         let (bytes, time) = node.lag();
@@ -551,8 +551,10 @@ impl Cluster {
     ) -> Result<T> {
         let op = |node: &Node, deadline| {
             let stmt = self.stmt((kind, route), sql, params, call);
-            node.run_statement(deadline, &stmt)
-                .and_then(|out| done(out, node))
+            node.call(deadline, |mut lease| {
+                node.run_stmt(&mut lease, deadline, &stmt)
+            })
+            .and_then(|out| done(out, node))
         };
         match route {
             Role::Primary => self.on_primary(kind, sql, params, rows, op),
@@ -702,8 +704,10 @@ impl Cluster {
             |n: &u64| Some(*n),
             |node, deadline| {
                 let mut failed = None;
-                let result = node.run_conn(deadline, |conn| {
-                    crate::copy::copy_in(conn, sql, &mut data, &mut failed)
+                let result = node.call(deadline, |mut lease| {
+                    node.bounded(&mut lease, deadline, |conn| {
+                        crate::copy::copy_in(conn, sql, &mut data, &mut failed)
+                    })
                 });
                 crate::copy::outcome(result, failed, &node.info, "reading the data")
             },
@@ -731,8 +735,10 @@ impl Cluster {
             |_: &u64| None,
             |node, deadline| {
                 let mut failed = None;
-                let result = node.run_conn(deadline, |conn| {
-                    crate::copy::copy_out(conn, sql, &mut out, &mut failed)
+                let result = node.call(deadline, |mut lease| {
+                    node.bounded(&mut lease, deadline, |conn| {
+                        crate::copy::copy_out(conn, sql, &mut out, &mut failed)
+                    })
                 });
                 crate::copy::outcome(result, failed, &node.info, "writing the output")
             },
@@ -753,7 +759,11 @@ impl Cluster {
             sql,
             &[],
             |_| None,
-            |node, deadline| node.run(deadline, |c| c.batch_execute(sql)),
+            |node, deadline| {
+                node.call(deadline, |mut lease| {
+                    node.bounded(&mut lease, deadline, |c| c.batch_execute(sql))
+                })
+            },
         )
     }
 
@@ -851,8 +861,8 @@ impl Cluster {
         let _in_flight = self.enter()?;
         let node = self.primary();
         let started = Instant::now();
-        let permit = node.admit()?;
-        let result = node.checkout_within(timeout).and_then(|mut conn| {
+        let permit = node.gate.admit()?;
+        let result = node.pool.checkout_within(timeout).and_then(|mut conn| {
             let left = timeout
                 .saturating_sub(started.elapsed())
                 .max(Duration::from_millis(1));
@@ -887,7 +897,7 @@ impl Cluster {
                     in_recovery: probe.in_recovery,
                     breaker: stats.breaker,
                     breaker_retry_in: (stats.breaker == crate::BreakerState::Open)
-                        .then(|| node.breaker_retry_after()),
+                        .then(|| node.gate.retry_after()),
                     lag_bytes: stats.lag_bytes,
                     lag: stats.lag,
                     in_use_conns: stats.pool.in_use_conns,
@@ -974,7 +984,7 @@ impl Cluster {
             join_until(thread, until);
         }
         for node in inner.nodes() {
-            node.close();
+            node.pool.close();
         }
         let report = ShutdownReport {
             drained: still_running == 0,

@@ -6,7 +6,7 @@
 use std::io::{BufRead, Read, Write};
 
 use crate::error::{Error, ErrorKind, NodeInfo, Result};
-use crate::manager::Conn;
+use crate::pool::manager::Conn;
 
 /// The size of each chunk handed from the caller's reader to the server.
 const CHUNK: usize = 64 * 1024;

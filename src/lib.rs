@@ -3,7 +3,6 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
-mod affinity;
 mod api;
 mod balancer;
 mod breaker;
@@ -14,10 +13,10 @@ mod deadline;
 mod dsn;
 mod env;
 mod error;
+mod exec;
 mod health;
 pub mod hooks;
 mod limits;
-mod manager;
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub mod metrics;
@@ -25,6 +24,7 @@ mod monitor;
 mod node;
 mod pgpass;
 mod plans;
+mod pool;
 mod replica;
 mod retry;
 mod rows;

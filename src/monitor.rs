@@ -22,8 +22,8 @@ use crossbeam_channel::{Receiver, Sender, never, select, tick};
 
 use crate::cluster::Inner;
 use crate::error::{Error, NodeInfo};
-use crate::manager::{Connected, Connector};
 use crate::node::{Node, ProbeRecord};
+use crate::pool::manager::{Connected, Connector};
 use crate::sync::lock;
 
 /// Bound on one probe: each statement and each unacknowledged send (a new
@@ -105,13 +105,13 @@ fn run(cluster: &Weak<Inner>, settings: &Settings, stop: &Receiver<()>, mut prob
             return;
         };
         match work {
-            Work::Leaks => inner.nodes().for_each(Node::check_leaks),
+            Work::Leaks => inner.nodes().for_each(|node| node.pool.check_leaks()),
             // Connections parked for a thread that stopped using them go
             // back to r2d2; idle ones past max_conn_idle_time close.
             Work::Upkeep => {
                 inner.nodes().for_each(|node| {
-                    node.unpark_older_than(UNPARK_AFTER);
-                    node.close_idle();
+                    node.pool.unpark_older_than(UNPARK_AFTER);
+                    node.pool.close_idle();
                 });
                 probes.mark_overdue(&inner, period);
             }
@@ -489,7 +489,7 @@ fn apply(
     };
     if up {
         node.set_lag(lag_bytes, lag);
-        node.probe_succeeded();
+        node.gate.probe_succeeded();
     }
     node.record_up(up, error.as_deref());
     node.set_probe_record(ProbeRecord {

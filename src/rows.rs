@@ -16,7 +16,8 @@ use postgres::Row;
 
 use crate::error::NodeInfo;
 use crate::error::Result;
-use crate::node::{Lease, Node};
+use crate::node::Node;
+use crate::pool::Lease;
 use crate::shutdown::InFlight;
 
 /// A transaction as its cursors see it (a trait object, so the iterator
@@ -108,26 +109,21 @@ impl<'c> RowIter<'c> {
         sql: &str,
         params: &[&(dyn postgres::types::ToSql + Sync)],
     ) -> Result<RowIter<'c>> {
-        let permit = node.admit()?;
-        let lease = node.checkout_until(deadline);
-        let mut lease = match lease {
-            Ok(lease) => lease,
-            Err(e) => {
-                permit.finish_error(&e);
-                return Err(e);
-            }
-        };
         let declare = format!("DECLARE {CURSOR} NO SCROLL CURSOR FOR {sql}");
-        let opened = node.guarded(&mut lease, deadline, |c| {
-            c.batch_execute("BEGIN")?;
-            c.execute(declare.as_str(), params)
-        });
-        permit.finish(&opened);
-        if let Err(e) = opened {
-            // The transaction may be open: the connection is not reused.
-            lease.broken = true;
-            return Err(e);
-        }
+        let lease = node.call(deadline, |mut lease| {
+            let opened = node.bounded(&mut lease, deadline, |c| {
+                c.batch_execute("BEGIN")?;
+                c.execute(declare.as_str(), params)
+            });
+            match opened {
+                Ok(_) => Ok(lease),
+                Err(e) => {
+                    // The transaction may be open: the connection is not reused.
+                    lease.broken = true;
+                    Err(e)
+                }
+            }
+        })?;
         let mut rows = RowIter {
             source: Source::Pool {
                 lease: Some(lease),
@@ -168,7 +164,7 @@ impl<'c> RowIter<'c> {
                 deadline,
                 ..
             } => {
-                let fetched = node.guarded(lease, *deadline, |c| c.query(fetch, &[]));
+                let fetched = node.bounded(lease, *deadline, |c| c.query(fetch, &[]));
                 if fetched.is_err() {
                     lease.broken = true;
                 }
@@ -225,7 +221,7 @@ impl Drop for RowIter<'_> {
                 }
                 // Clean: the cursor closed and the transaction ended, within
                 // the deadline; otherwise the connection is discarded.
-                let closed = node.guarded(&mut lease, *deadline, |c| {
+                let closed = node.bounded(&mut lease, *deadline, |c| {
                     c.batch_execute(&format!("CLOSE {CURSOR}; COMMIT"))
                 });
                 if closed.is_err() {

@@ -8,10 +8,13 @@ use std::time::Instant;
 
 use postgres::Row;
 
+use crate::breaker::Permit;
 use crate::cluster::{Cluster, at_most_one, exactly_one};
 use crate::error::{AsPgxkitError, Error, ErrorKind, NodeInfo, Result, Role};
 use crate::hooks::{self, Op, OperationKind, TransactionEvent, TransactionOutcome};
-use crate::node::{Lease, Node, Permit};
+use crate::node::Node;
+use crate::pool::Lease;
+use crate::pool::manager::Conn;
 use crate::retry::RetryPolicy;
 use crate::rows::{self, RowIter};
 use crate::shutdown::InFlight;
@@ -350,10 +353,10 @@ impl<'c> Transaction<'c> {
             })
             .map_err(|e| e.with_node(&node.info))?;
         }
-        let permit = node.admit()?;
+        let permit = node.gate.admit()?;
         let deadline = cluster.deadline();
-        let begun = node.checkout_until(deadline).and_then(|mut conn| {
-            node.guarded(&mut conn, deadline, |c| {
+        let begun = node.pool.checkout_until(deadline).and_then(|mut conn| {
+            node.bounded(&mut conn, deadline, |c| {
                 c.batch_execute(&options.begin_sql())
             })
             .map(|()| conn)
@@ -441,8 +444,8 @@ impl<'c> Transaction<'c> {
         }
     }
 
-    /// One statement: hooks, deadline, state tracking.
-    fn run<T>(
+    /// One call in the transaction: hooks, deadline, state tracking.
+    fn call<T>(
         &self,
         kind: OperationKind,
         sql: &str,
@@ -464,7 +467,7 @@ impl<'c> Transaction<'c> {
     }
 
     /// A parameterised statement in the cluster's statement mode (cached by default).
-    fn statement(
+    fn run_stmt(
         &self,
         kind: OperationKind,
         sql: &str,
@@ -473,8 +476,8 @@ impl<'c> Transaction<'c> {
     ) -> Result<Output> {
         let stmt = self.cluster.stmt((kind, self.route), sql, params, call);
         let rows = |out: &Output| Some(out.len());
-        self.run(kind, sql, params, rows, |conn, deadline| {
-            self.node.statement(conn, deadline, &stmt)
+        self.call(kind, sql, params, rows, |conn, deadline| {
+            self.node.run_stmt(conn, deadline, &stmt)
         })
     }
 
@@ -486,7 +489,7 @@ impl<'c> Transaction<'c> {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        self.statement(OperationKind::Execute, sql, params, Call::Execute)
+        self.run_stmt(OperationKind::Execute, sql, params, Call::Execute)
             .map(Output::count)
     }
 
@@ -498,7 +501,7 @@ impl<'c> Transaction<'c> {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        self.statement(OperationKind::Query, sql, params, Call::Query)
+        self.run_stmt(OperationKind::Query, sql, params, Call::Query)
             .map(Output::rows)
     }
 
@@ -510,7 +513,7 @@ impl<'c> Transaction<'c> {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        let out = self.statement(OperationKind::QueryOne, sql, params, Call::QueryOpt)?;
+        let out = self.run_stmt(OperationKind::QueryOne, sql, params, Call::QueryOpt)?;
         exactly_one(out, self.node)
     }
 
@@ -522,7 +525,7 @@ impl<'c> Transaction<'c> {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        let out = self.statement(OperationKind::QueryOpt, sql, params, Call::QueryOpt)?;
+        let out = self.run_stmt(OperationKind::QueryOpt, sql, params, Call::QueryOpt)?;
         at_most_one(out, self.node)
     }
 
@@ -550,13 +553,13 @@ impl<'c> Transaction<'c> {
         let cursor = format!("pgxkit_rows_{n}");
         let declare = format!("DECLARE {cursor} NO SCROLL CURSOR FOR {sql}");
         let fetch = rows::fetch_sql(&cursor);
-        let first = self.run(
+        let first = self.call(
             OperationKind::QueryIter,
             sql,
             params,
             |_: &Vec<Row>| None,
             |conn, deadline| {
-                self.node.guarded(conn, deadline, |c| {
+                self.node.bounded(conn, deadline, |c| {
                     c.execute(declare.as_str(), params)?;
                     c.query(fetch.as_str(), &[])
                 })
@@ -569,10 +572,10 @@ impl<'c> Transaction<'c> {
     /// no hooks.
     fn cursor_step<T>(
         &self,
-        op: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
+        op: impl FnOnce(&mut Conn) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
         let mut conn = self.conn()?;
-        let result = self.node.guarded(&mut conn, self.cluster.deadline(), op);
+        let result = self.node.bounded(&mut conn, self.cluster.deadline(), op);
         self.settle(&conn, &result);
         result
     }
@@ -585,12 +588,12 @@ impl<'c> Transaction<'c> {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn batch_execute(&self, sql: &str) -> Result<()> {
-        self.run(
+        self.call(
             OperationKind::BatchExecute,
             sql,
             &[],
             |_| None,
-            |conn, deadline| self.node.guarded(conn, deadline, |c| c.batch_execute(sql)),
+            |conn, deadline| self.node.bounded(conn, deadline, |c| c.batch_execute(sql)),
         )
     }
 
@@ -607,14 +610,14 @@ impl<'c> Transaction<'c> {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn copy_in(&self, sql: &str, mut data: impl std::io::Read) -> Result<u64> {
-        self.run(
+        self.call(
             OperationKind::CopyIn,
             sql,
             &[],
             |n: &u64| Some(*n),
             |conn, deadline| {
                 let mut failed = None;
-                let result = self.node.guarded_conn(conn, deadline, |c| {
+                let result = self.node.bounded(conn, deadline, |c| {
                     crate::copy::copy_in(c, sql, &mut data, &mut failed)
                 });
                 crate::copy::outcome(result, failed, &self.node.info, "reading the data")
@@ -633,14 +636,14 @@ impl<'c> Transaction<'c> {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn copy_out(&self, sql: &str, mut out: impl std::io::Write) -> Result<u64> {
-        self.run(
+        self.call(
             OperationKind::CopyOut,
             sql,
             &[],
             |_: &u64| None,
             |conn, deadline| {
                 let mut failed = None;
-                let result = self.node.guarded_conn(conn, deadline, |c| {
+                let result = self.node.bounded(conn, deadline, |c| {
                     crate::copy::copy_out(c, sql, &mut out, &mut failed)
                 });
                 crate::copy::outcome(result, failed, &self.node.info, "writing the output")
@@ -685,7 +688,7 @@ impl<'c> Transaction<'c> {
             // The caller's error says nothing of the server's side: ask it.
             let probe = self
                 .node
-                .guarded(&mut conn, deadline, |c| c.batch_execute("SELECT 1"));
+                .bounded(&mut conn, deadline, |c| c.batch_execute("SELECT 1"));
             self.settle(&conn, &probe);
         }
         result
@@ -801,7 +804,7 @@ impl<'c> Transaction<'c> {
         let mut conn = self.conn.borrow_mut();
         let result = self
             .node
-            .guarded(&mut conn, self.cluster.deadline(), |c| c.batch_execute(sql));
+            .bounded(&mut conn, self.cluster.deadline(), |c| c.batch_execute(sql));
         if conn.broken {
             self.state.set(State::Broken);
         }

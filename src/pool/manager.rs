@@ -37,6 +37,20 @@ pub(crate) struct Conn {
     pub(crate) keep_idle_clock: bool,
 }
 
+/// A pooled connection is used as the client it wraps.
+impl std::ops::Deref for Conn {
+    type Target = postgres::Client;
+    fn deref(&self) -> &postgres::Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut postgres::Client {
+        &mut self.client
+    }
+}
+
 impl Drop for Conn {
     /// A broken connection may still wait for an answer (a statement past
     /// its deadline, a validation that timed out), and the driver's client

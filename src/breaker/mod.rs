@@ -7,8 +7,12 @@
 //! failure opens it again. Unlike the guide's sketch, half-open is bounded and
 //! only failures of the node (not of the statement) count.
 
+mod gate;
+
 use std::fmt;
 use std::time::{Duration, Instant};
+
+pub(crate) use gate::{Gate, Permit};
 
 /// The state of a node's circuit breaker.
 ///
