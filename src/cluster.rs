@@ -13,11 +13,12 @@ use postgres::Row;
 use crate::balancer::Balancer;
 use crate::config::{ClusterBuilder, ClusterConfig, ReadFallback};
 use crate::deadline::Watchdog;
-use crate::error::{Error, ErrorKind, NodeInfo, Result, Role};
+use crate::error::{Error, ErrorKind, Result};
 use crate::health::{self, HealthReport, NodeHealth};
 use crate::hooks::{self, Hooks, Op, OperationKind, ShutdownEvent};
+use crate::info::{NodeInfo, Role};
 use crate::monitor;
-use crate::node::{Node, NodeOptions, Stmt};
+use crate::node::{Node, NodeOptions, Nodes, Stmt};
 use crate::plans::{self, Capture};
 use crate::pool::manager::{Connected, Connector};
 use crate::replica::ReplicaHandle;
@@ -150,8 +151,7 @@ pub struct Cluster {
 }
 
 pub(crate) struct Inner {
-    primary: Node,
-    replicas: Vec<Node>,
+    nodes: Arc<Nodes>,
     balancer: Balancer,
     max_replica_lag: Option<Duration>,
     max_replica_lag_bytes: Option<u64>,
@@ -173,15 +173,15 @@ impl Inner {
 
     /// The primary, then the replicas.
     pub(crate) fn nodes(&self) -> impl Iterator<Item = &Node> {
-        std::iter::once(&self.primary).chain(&self.replicas)
+        self.nodes.nodes()
     }
 }
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let replicas: Vec<_> = self.inner.replicas.iter().map(|r| &r.info).collect();
+        let replicas: Vec<_> = self.inner.nodes.replicas.iter().map(|r| &r.info).collect();
         f.debug_struct("Cluster")
-            .field("primary", &self.inner.primary.info)
+            .field("primary", &self.inner.nodes.primary.info)
             .field("replicas", &replicas)
             .field("timeout", &self.timeout)
             .field("statement_mode", &self.mode())
@@ -302,8 +302,7 @@ impl Cluster {
         };
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let inner = Arc::new(Inner {
-            primary,
-            replicas,
+            nodes: Arc::new(Nodes { primary, replicas }),
             balancer: Balancer::new(config.read_balance),
             max_replica_lag: config.max_replica_lag,
             max_replica_lag_bytes: config.max_replica_lag_bytes,
@@ -321,26 +320,31 @@ impl Cluster {
                 .with_detail(format!("cannot start the {what} thread"))
                 .with_source(e)
         };
-        let mut probers =
-            monitor::Probers::start(&inner, probes).map_err(|e| thread_error("health probe", e))?;
-        probers.round(&inner, config.health_check_period, true, false);
+        let mut probers = monitor::Probers::start(&inner.nodes, probes)
+            .map_err(|e| thread_error("health probe", e))?;
+        probers.round(&inner.nodes, config.health_check_period, true, false);
         let settings = monitor::Settings {
             period: config.health_check_period,
             leak_threshold: config.leak_threshold,
             idle_time,
         };
-        let monitor = monitor::spawn(Arc::downgrade(&inner), settings, stop_rx.clone(), probers)
-            .map_err(|e| thread_error("health monitor", e))?;
+        let monitor = monitor::spawn(
+            Arc::downgrade(&inner.nodes),
+            settings,
+            stop_rx.clone(),
+            probers,
+        )
+        .map_err(|e| thread_error("health monitor", e))?;
         lock(&inner.threads).push(monitor);
         if let Some(jobs) = plan_jobs {
-            let worker = plans::spawn(Arc::downgrade(&inner), jobs, stop_rx)
+            let worker = plans::spawn(Arc::downgrade(&inner.nodes), jobs, stop_rx)
                 .map_err(|e| thread_error("plan capture", e))?;
             lock(&inner.threads).push(worker);
         }
         // Last, so a build that fails leaves the user's registry as it was.
         #[cfg(feature = "prometheus")]
         if let Some((registry, pending)) = config.metrics {
-            crate::metrics::register(&registry, pending, Arc::downgrade(&inner))?;
+            crate::metrics::register(&registry, pending, Arc::downgrade(&inner.nodes))?;
         }
         Ok(Cluster {
             inner,
@@ -415,7 +419,7 @@ impl Cluster {
     }
 
     pub(crate) fn primary(&self) -> &Node {
-        &self.inner.primary
+        &self.inner.nodes.primary
     }
 
     /// Whether a replica may take reads now: up, breaker allowing a call,
@@ -434,16 +438,16 @@ impl Cluster {
     /// The node for the next read: the next eligible replica other than
     /// `not`, else the fallback (the primary, or an error).
     pub(crate) fn reader(&self, not: Option<&Node>) -> Result<&Node> {
-        let replicas = &self.inner.replicas;
+        let replicas = &self.inner.nodes.replicas;
         if replicas.is_empty() {
-            return Ok(&self.inner.primary);
+            return Ok(&self.inner.nodes.primary);
         }
         let pick = self.inner.balancer.pick(replicas.len(), |i| {
             !not.is_some_and(|n| std::ptr::eq(n, &replicas[i])) && self.eligible(&replicas[i])
         });
         match (pick, self.inner.read_fallback) {
             (Some(i), _) => Ok(&replicas[i]),
-            (None, ReadFallback::Primary) => Ok(&self.inner.primary),
+            (None, ReadFallback::Primary) => Ok(&self.inner.nodes.primary),
             (None, ReadFallback::Error) => Err(Error::new(ErrorKind::NoEligibleReplica)
                 .with_detail(format!(
                     "none of {} replicas is up, allowed by its breaker and within the lag limit",

@@ -8,11 +8,12 @@ use crate::balancer::ReadBalance;
 use crate::breaker::BreakerConfig;
 use crate::cluster::Cluster;
 use crate::dsn::{Dsn, PoolOverrides, SslMode, redact_dsn};
-use crate::error::{Error, NodeInfo, Result, Role};
+use crate::error::{Error, Result};
 use crate::hooks::{
     AfterOperation, BeforeOperation, ConnectionEvent, HookResult, Hooks, NodeEvent, ShutdownEvent,
     TransactionEvent,
 };
+use crate::info::{NodeInfo, Role};
 use crate::limits;
 use crate::pgpass;
 use crate::plans::PlanCapture;

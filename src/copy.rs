@@ -5,7 +5,8 @@
 
 use std::io::{BufRead, Read, Write};
 
-use crate::error::{Error, ErrorKind, NodeInfo, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::info::NodeInfo;
 use crate::pool::manager::Conn;
 
 /// The size of each chunk handed from the caller's reader to the server.

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use postgres::CancelToken;
 
-use crate::error::{Error, NodeInfo};
+use crate::error::Error;
+use crate::info::NodeInfo;
 use crate::socket::{Peer, Snapshot, Socket};
 use crate::sync::lock;
 

@@ -6,8 +6,9 @@
 use std::time::Instant;
 
 use crate::deadline::Armed;
-use crate::error::{Error, ErrorKind, Result, Role};
+use crate::error::{Error, ErrorKind, Result};
 use crate::hooks::OperationKind;
+use crate::info::Role;
 use crate::node::{Node, Stmt};
 use crate::plans::Capture;
 use crate::pool::Lease;

@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use crate::breaker::BreakerState;
-use crate::error::{NodeInfo, Role};
+use crate::info::{NodeInfo, Role};
 
 /// Pool utilisation above which a node's health carries a warning.
 pub(crate) const UTILIZATION_WARNING: f64 = 0.8;

@@ -15,7 +15,8 @@ use std::time::Duration;
 use postgres::types::ToSql;
 
 use crate::breaker::BreakerState;
-use crate::error::{Error, ErrorKind, NodeInfo, Role};
+use crate::error::{Error, ErrorKind};
+use crate::info::{NodeInfo, Role};
 
 /// What a hook returns: `Err` vetoes (before-hooks) or reports (after-hooks).
 ///

@@ -16,6 +16,7 @@ mod error;
 mod exec;
 mod health;
 pub mod hooks;
+mod info;
 mod limits;
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
@@ -49,9 +50,10 @@ pub use cluster::Cluster;
 pub use config::{ClusterBuilder, ReadFallback};
 pub use dsn::{SslMode, parse_duration, redact_dsn};
 pub use env::{dsn_from_env, dsn_from_env_with};
-pub use error::{AsPgxkitError, Error, ErrorKind, NodeInfo, Result, Role};
+pub use error::{AsPgxkitError, Error, ErrorKind, Result};
 pub use health::{HealthReport, HealthStatus, NodeHealth};
 pub use hooks::{AfterOperation, BeforeOperation, HookResult, OperationKind};
+pub use info::{NodeInfo, Role};
 pub use plans::{CapturedPlan, PlanCapture};
 pub use replica::ReplicaHandle;
 pub use retry::{RetryPolicy, retry};

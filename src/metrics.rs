@@ -22,9 +22,10 @@ use prometheus::proto::MetricFamily;
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use crate::breaker::BreakerState;
-use crate::cluster::Inner;
-use crate::error::{Error, Result, Role};
+use crate::error::{Error, Result};
 use crate::hooks::Hooks;
+use crate::info::Role;
+use crate::node::Nodes;
 
 fn buckets() -> Vec<f64> {
     // 1 ms, 2 ms, ... ~524 s, as in the Go guide.
@@ -113,7 +114,7 @@ pub(crate) struct Pending(Vec<Twin>);
 /// Registers `pending` and the cluster's gauges on `registry`, all or none:
 /// on a failure (a name already registered there) whatever this call
 /// registered is unregistered again.
-pub(crate) fn register(registry: &Registry, pending: Pending, cluster: Weak<Inner>) -> Result<()> {
+pub(crate) fn register(registry: &Registry, pending: Pending, cluster: Weak<Nodes>) -> Result<()> {
     let mut collectors = pending.0;
     collectors.push(twin(&ClusterCollector::new(cluster)?));
     let mut done = Vec::new();
@@ -132,7 +133,7 @@ pub(crate) fn register(registry: &Registry, pending: Pending, cluster: Weak<Inne
 /// Gauges read from the cluster at scrape time.
 #[derive(Clone)]
 pub(crate) struct ClusterCollector {
-    cluster: Weak<Inner>,
+    cluster: Weak<Nodes>,
     connections: GaugeVec,
     node_up: GaugeVec,
     lag_bytes: GaugeVec,
@@ -141,7 +142,7 @@ pub(crate) struct ClusterCollector {
 }
 
 impl ClusterCollector {
-    fn new(cluster: Weak<Inner>) -> Result<ClusterCollector> {
+    fn new(cluster: Weak<Nodes>) -> Result<ClusterCollector> {
         let gauge =
             |name: &str, help: &str, labels: &[&str]| GaugeVec::new(Opts::new(name, help), labels);
         let collector = ClusterCollector {

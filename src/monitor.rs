@@ -2,7 +2,7 @@
 //! node each `health_check_period`: up or down, `pg_is_in_recovery()`, and
 //! for replicas the replication lag in bytes and in time.
 //!
-//! It holds only a `Weak` reference to the cluster and stops when the
+//! It holds only a `Weak` reference to the cluster's nodes and stops when the
 //! cluster is dropped (the stop channel disconnects) or shut down.
 //!
 //! Bulkheads: each node is probed by a thread of its own (a [`Prober`]), on
@@ -20,8 +20,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, never, select, tick};
 
-use crate::cluster::Inner;
-use crate::error::{Error, NodeInfo};
+use crate::error::Error;
+use crate::info::NodeInfo;
+use crate::node::Nodes;
 use crate::node::{Node, ProbeRecord};
 use crate::pool::manager::{Connected, Connector};
 use crate::sync::lock;
@@ -71,7 +72,7 @@ fn upkeep_period(idle_time: Duration) -> Duration {
 
 /// Starts the monitor with the probers `build()` started.
 pub(crate) fn spawn(
-    cluster: Weak<Inner>,
+    cluster: Weak<Nodes>,
     settings: Settings,
     stop: Receiver<()>,
     probes: Probers,
@@ -81,7 +82,7 @@ pub(crate) fn spawn(
         .spawn(move || run(&cluster, &settings, &stop, probes))
 }
 
-fn run(cluster: &Weak<Inner>, settings: &Settings, stop: &Receiver<()>, mut probes: Probers) {
+fn run(cluster: &Weak<Nodes>, settings: &Settings, stop: &Receiver<()>, mut probes: Probers) {
     let Settings {
         period,
         leak_threshold,
@@ -248,7 +249,7 @@ impl Probers {
     /// Starts a prober per node; `probes` are the connections `build()`
     /// opened (one slot per node, primary first).
     pub(crate) fn start(
-        cluster: &Arc<Inner>,
+        cluster: &Arc<Nodes>,
         probes: Vec<Option<Connected>>,
     ) -> std::io::Result<Probers> {
         let mut probers = Vec::new();
@@ -283,7 +284,7 @@ impl Probers {
     /// for too, as long again (`build()`, so the first report is current);
     /// with `connect` false only nodes that have a probe connection are
     /// probed. Nodes whose probe is overdue are marked down.
-    pub(crate) fn round(&mut self, inner: &Inner, period: Duration, wait: bool, connect: bool) {
+    pub(crate) fn round(&mut self, inner: &Nodes, period: Duration, wait: bool, connect: bool) {
         let bound = overdue_after(period);
         let started = Instant::now();
         let mut primary_lsn = None;
@@ -319,7 +320,7 @@ impl Probers {
     /// Marks down, once per episode, each node whose probe has run longer
     /// than `bound`; ends every connection of a node silent for
     /// [`silence_limit`] (once per silence).
-    pub(crate) fn mark_overdue(&mut self, inner: &Inner, period: Duration) {
+    pub(crate) fn mark_overdue(&mut self, inner: &Nodes, period: Duration) {
         let bound = overdue_after(period);
         let now = Instant::now();
         for (node, prober) in inner.nodes().zip(&mut self.0) {
@@ -357,7 +358,7 @@ impl Probers {
 /// What a prober thread owns: nothing of the cluster but a `Weak`, so one
 /// stuck on a silent node keeps no pool alive.
 struct ProberContext {
-    cluster: Weak<Inner>,
+    cluster: Weak<Nodes>,
     index: usize,
     connector: Arc<Connector>,
     info: NodeInfo,

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::breaker::{BreakerConfig, Gate};
 use crate::config::NodeConfig;
 use crate::deadline::{Canceller, Watchdog};
-use crate::error::{NodeInfo, Role};
 use crate::hooks::{self, Hooks, NodeEvent, OperationKind};
+use crate::info::{NodeInfo, Role};
 use crate::plans::Capture;
 use crate::pool::Pool;
 use crate::pool::manager::Connector;
@@ -55,6 +55,22 @@ pub(crate) struct ProbeRecord {
     pub(crate) checked_at: Option<SystemTime>,
     pub(crate) in_recovery: Option<bool>,
     pub(crate) error: Option<String>,
+}
+
+/// A cluster's nodes: what its background workers (health monitor, plan
+/// capture, metrics collector) hold, weakly, so they need nothing else of
+/// the cluster and stop once it is gone.
+#[derive(Debug)]
+pub(crate) struct Nodes {
+    pub(crate) primary: Node,
+    pub(crate) replicas: Vec<Node>,
+}
+
+impl Nodes {
+    /// The primary, then the replicas.
+    pub(crate) fn nodes(&self) -> impl Iterator<Item = &Node> {
+        std::iter::once(&self.primary).chain(&self.replicas)
+    }
 }
 
 #[derive(Debug)]

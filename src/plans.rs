@@ -22,9 +22,9 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 use postgres::{GenericClient, Statement};
 
-use crate::cluster::Inner;
-use crate::error::{NodeInfo, Role};
 use crate::hooks::{self, OperationKind};
+use crate::info::{NodeInfo, Role};
+use crate::node::Nodes;
 
 type PlanHandler = Arc<dyn Fn(&CapturedPlan) + Send + Sync>;
 
@@ -269,10 +269,15 @@ pub(crate) struct Job {
 /// The caller's side: decides what is slow and queues jobs.
 pub(crate) struct Capture {
     pub(crate) threshold: Duration,
-    analyze_reads: bool,
-    handler: Option<PlanHandler>,
     jobs: Sender<Job>,
     pub(crate) dropped: AtomicU64,
+}
+
+/// The worker's side: the queue and what to do with each plan.
+pub(crate) struct Worker {
+    jobs: Receiver<Job>,
+    analyze_reads: bool,
+    handler: Option<PlanHandler>,
 }
 
 impl fmt::Debug for Capture {
@@ -284,16 +289,19 @@ impl fmt::Debug for Capture {
 }
 
 impl Capture {
-    pub(crate) fn new(settings: &PlanCapture) -> (Capture, Receiver<Job>) {
+    pub(crate) fn new(settings: &PlanCapture) -> (Capture, Worker) {
         let (jobs, rx) = crossbeam_channel::bounded(settings.queue);
         let capture = Capture {
             threshold: settings.threshold,
-            analyze_reads: settings.analyze_reads,
-            handler: settings.handler.clone(),
             jobs,
             dropped: AtomicU64::new(0),
         };
-        (capture, rx)
+        let worker = Worker {
+            jobs: rx,
+            analyze_reads: settings.analyze_reads,
+            handler: settings.handler.clone(),
+        };
+        (capture, worker)
     }
 
     /// Queues a plan job for a slow statement; never blocks.
@@ -333,8 +341,8 @@ impl Capture {
 }
 
 pub(crate) fn spawn(
-    cluster: Weak<Inner>,
-    jobs: Receiver<Job>,
+    nodes: Weak<Nodes>,
+    worker: Worker,
     stop: Receiver<()>,
 ) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new()
@@ -344,27 +352,24 @@ pub(crate) fn spawn(
             loop {
                 let job = crossbeam_channel::select! {
                     recv(stop) -> _ => return,
-                    recv(jobs) -> job => match job {
+                    recv(worker.jobs) -> job => match job {
                         Ok(job) => job,
                         Err(_) => return,
                     },
                 };
-                let Some(inner) = cluster.upgrade() else {
+                let Some(nodes) = nodes.upgrade() else {
                     return;
                 };
-                explain(&inner, job);
+                explain(&nodes, &worker, job);
             }
         })
 }
 
-fn explain(inner: &Inner, job: Job) {
-    let Some(capture) = inner.plans() else {
+fn explain(nodes: &Nodes, worker: &Worker, job: Job) {
+    let Some(node) = nodes.nodes().find(|n| n.info.name() == job.node) else {
         return;
     };
-    let Some(node) = inner.nodes().find(|n| n.info.name() == job.node) else {
-        return;
-    };
-    let analyze = capture.analyze_reads && job.route == Role::Replica;
+    let analyze = worker.analyze_reads && job.route == Role::Replica;
     let explain_sql = if analyze {
         format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}", job.sql)
     } else {
@@ -398,7 +403,7 @@ fn explain(inner: &Inner, job: Job) {
                 analyzed: analyze,
                 json,
             };
-            match &capture.handler {
+            match &worker.handler {
                 Some(handler) => {
                     hooks::notify(std::slice::from_ref(handler), "on_plan", |h| h(&plan))
                 }

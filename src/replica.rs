@@ -7,8 +7,9 @@ use postgres::Row;
 
 use crate::Result;
 use crate::cluster::{Cluster, all_rows, at_most_one, exactly_one, opt_count, row_count};
-use crate::error::{Error, Role};
+use crate::error::Error;
 use crate::hooks::OperationKind;
+use crate::info::Role;
 use crate::rows::RowIter;
 use crate::statements::{Call, Params};
 use crate::tx::TransactionBuilder;

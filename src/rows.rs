@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use postgres::Row;
 
-use crate::error::NodeInfo;
 use crate::error::Result;
+use crate::info::NodeInfo;
 use crate::node::Node;
 use crate::pool::Lease;
 use crate::shutdown::InFlight;

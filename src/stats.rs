@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::breaker::BreakerState;
-use crate::error::{NodeInfo, Role};
+use crate::info::{NodeInfo, Role};
 
 /// One pool's numbers at the moment `stats()` was called. Counters count
 /// from the cluster's start.

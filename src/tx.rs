@@ -10,8 +10,9 @@ use postgres::Row;
 
 use crate::breaker::Permit;
 use crate::cluster::{Cluster, at_most_one, exactly_one};
-use crate::error::{AsPgxkitError, Error, ErrorKind, NodeInfo, Result, Role};
+use crate::error::{AsPgxkitError, Error, ErrorKind, Result};
 use crate::hooks::{self, Op, OperationKind, TransactionEvent, TransactionOutcome};
+use crate::info::{NodeInfo, Role};
 use crate::node::Node;
 use crate::pool::Lease;
 use crate::pool::manager::Conn;

@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use super::{Breaker, BreakerConfig, BreakerState, Outcome, Transition};
-use crate::error::{Error, ErrorKind, NodeInfo, Result, RetryAfter};
+use crate::error::{Error, ErrorKind, Result, RetryAfter};
 use crate::hooks::{self, Hooks, NodeEvent};
+use crate::info::NodeInfo;
 use crate::sync::lock;
 
 /// A node's circuit breaker as calls meet it.

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::deadline::{Canceller, Watchdog};
-use crate::error::{Error, ErrorKind, NodeInfo};
+use crate::error::{Error, ErrorKind};
 use crate::hooks::{self, ConnectionEvent, DisconnectReason, Hooks};
+use crate::info::NodeInfo;
 use crate::socket::{Peer, Snapshot, Socket, Sockets};
 use crate::statements::StatementCache;
 use crate::sync::lock;

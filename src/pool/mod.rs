@@ -17,8 +17,9 @@ use r2d2::PooledConnection;
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use crate::config::PoolConfig;
-use crate::error::{Error, ErrorKind, NodeInfo, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::hooks::{self, ConnectionEvent, Hooks};
+use crate::info::NodeInfo;
 use crate::node::NodeOptions;
 use crate::stats::PoolStats;
 use crate::stripes::Striped;
