@@ -241,14 +241,9 @@ impl Cluster {
     pub(crate) fn start(config: ClusterConfig) -> Result<Cluster> {
         let watchdog = Arc::new(Watchdog::default());
         let options = NodeOptions {
-            checkout_timeout: config.checkout_timeout,
-            validate_after_idle: config.validate_after_idle,
-            breaker: config.breaker,
+            settings: Arc::new(config.settings.clone()),
             hooks: Arc::clone(&config.hooks),
-            leak_threshold: config.leak_threshold,
-            leak_backtrace: config.leak_backtrace,
             watchdog: Arc::clone(&watchdog),
-            statement_cache_capacity: config.statement_cache_capacity,
         };
         let idle_time = std::iter::once(&config.primary)
             .chain(&config.replicas)
@@ -268,10 +263,10 @@ impl Cluster {
         // forever: see Connector::connect), and with require_tls
         // checked for encryption. The round below probes them, so the first
         // health() is current; the monitor keeps them for its rounds.
-        let require_tls = config.require_tls;
+        let require_tls = config.settings.require_tls;
         let check = |node: &Node| ConnectionCheck::start(node, require_tls);
         let replica_checks: Vec<_> = replicas.iter().map(check).collect();
-        let primary_check = (!config.lazy_connect).then(|| check(&primary).wait());
+        let primary_check = (!config.settings.lazy_connect).then(|| check(&primary).wait());
         let replica_checks: Vec<Result<Connected>> = replica_checks
             .into_iter()
             .map(ConnectionCheck::wait)
@@ -293,7 +288,7 @@ impl Cluster {
             });
         }
 
-        let (plans, plan_jobs) = match &config.plan_capture {
+        let (plans, plan_jobs) = match &config.settings.plan_capture {
             Some(settings) => {
                 let (capture, jobs) = Capture::new(settings);
                 (Some(capture), Some(jobs))
@@ -303,11 +298,11 @@ impl Cluster {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let inner = Arc::new(Inner {
             nodes: Arc::new(Nodes { primary, replicas }),
-            balancer: Balancer::new(config.read_balance),
-            max_replica_lag: config.max_replica_lag,
-            max_replica_lag_bytes: config.max_replica_lag_bytes,
-            read_fallback: config.read_fallback,
-            statement_mode: config.statement_mode,
+            balancer: Balancer::new(config.settings.read_balance),
+            max_replica_lag: config.settings.max_replica_lag,
+            max_replica_lag_bytes: config.settings.max_replica_lag_bytes,
+            read_fallback: config.settings.read_fallback,
+            statement_mode: config.settings.statement_mode,
             hooks: config.hooks,
             plans,
             lifecycle: Lifecycle::default(),
@@ -325,7 +320,7 @@ impl Cluster {
         probers.round(&inner.nodes, config.health_check_period, true, false);
         let settings = monitor::Settings {
             period: config.health_check_period,
-            leak_threshold: config.leak_threshold,
+            leak_threshold: config.settings.leak_threshold,
             idle_time,
         };
         let monitor = monitor::spawn(

@@ -45,34 +45,69 @@ use crate::tls;
 ///     .build()?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Default)]
 #[must_use]
 pub struct ClusterBuilder {
     pub(crate) primary: Option<String>,
     pub(crate) replicas: Vec<String>,
     pub(crate) pool: PoolOverrides,
-    checkout_timeout: Duration,
-    connect_timeout: Option<Duration>,
-    validate_after_idle: Duration,
-    application_name: Option<String>,
-    lazy_connect: bool,
-    breaker: BreakerConfig,
-    max_replica_lag: Option<Duration>,
-    max_replica_lag_bytes: Option<u64>,
-    read_fallback: ReadFallback,
-    read_balance: ReadBalance,
+    /// Every other option, as the cluster will use it.
+    settings: Settings,
     hooks: Hooks,
-    leak_threshold: Option<Duration>,
-    leak_backtrace: bool,
-    plan_capture: Option<PlanCapture>,
     #[cfg(feature = "prometheus")]
     prometheus: Option<prometheus::Registry>,
-    statement_timeout: Option<Duration>,
-    tcp_user_timeout: Option<Duration>,
-    keepalives_idle: Option<Duration>,
-    require_tls: bool,
-    statement_mode: StatementMode,
-    statement_cache_capacity: usize,
+}
+
+/// Every cluster-wide option, written once: the builder holds it, the
+/// cluster and its nodes read it (as ureq's `ConfigBuilder` wraps its
+/// `Config`). Defaults are here and nowhere else.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) checkout_timeout: Duration,
+    pub(crate) connect_timeout: Option<Duration>,
+    pub(crate) validate_after_idle: Duration,
+    pub(crate) application_name: Option<String>,
+    pub(crate) lazy_connect: bool,
+    pub(crate) breaker: BreakerConfig,
+    pub(crate) max_replica_lag: Option<Duration>,
+    pub(crate) max_replica_lag_bytes: Option<u64>,
+    pub(crate) read_fallback: ReadFallback,
+    pub(crate) read_balance: ReadBalance,
+    pub(crate) leak_threshold: Option<Duration>,
+    pub(crate) leak_backtrace: bool,
+    pub(crate) plan_capture: Option<PlanCapture>,
+    pub(crate) statement_timeout: Option<Duration>,
+    pub(crate) tcp_user_timeout: Option<Duration>,
+    pub(crate) keepalives_idle: Option<Duration>,
+    pub(crate) require_tls: bool,
+    pub(crate) statement_mode: StatementMode,
+    pub(crate) statement_cache_capacity: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            checkout_timeout: defaults::CHECKOUT_TIMEOUT,
+            connect_timeout: None,
+            validate_after_idle: defaults::VALIDATE_AFTER_IDLE,
+            application_name: None,
+            lazy_connect: false,
+            breaker: BreakerConfig::default(),
+            max_replica_lag: None,
+            max_replica_lag_bytes: None,
+            read_fallback: ReadFallback::Primary,
+            read_balance: ReadBalance::PerThread,
+            leak_threshold: None,
+            leak_backtrace: false,
+            plan_capture: None,
+            statement_timeout: None,
+            tcp_user_timeout: None,
+            keepalives_idle: None,
+            require_tls: false,
+            statement_mode: StatementMode::Cached,
+            statement_cache_capacity: 512,
+        }
+    }
 }
 
 /// What reads do when no replica is eligible (all down, open breakers, or
@@ -113,38 +148,6 @@ pub(crate) mod defaults {
     pub(crate) const APPLICATION_NAME: &str = "pgxkit";
 }
 
-impl Default for ClusterBuilder {
-    fn default() -> Self {
-        ClusterBuilder {
-            primary: None,
-            replicas: Vec::new(),
-            pool: PoolOverrides::default(),
-            checkout_timeout: defaults::CHECKOUT_TIMEOUT,
-            connect_timeout: None,
-            validate_after_idle: defaults::VALIDATE_AFTER_IDLE,
-            application_name: None,
-            lazy_connect: false,
-            breaker: BreakerConfig::default(),
-            max_replica_lag: None,
-            max_replica_lag_bytes: None,
-            read_fallback: ReadFallback::Primary,
-            read_balance: ReadBalance::PerThread,
-            hooks: Hooks::default(),
-            leak_threshold: None,
-            leak_backtrace: false,
-            plan_capture: None,
-            #[cfg(feature = "prometheus")]
-            prometheus: None,
-            statement_timeout: None,
-            tcp_user_timeout: None,
-            keepalives_idle: None,
-            require_tls: false,
-            statement_mode: StatementMode::Cached,
-            statement_cache_capacity: 512,
-        }
-    }
-}
-
 impl fmt::Debug for ClusterBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClusterBuilder")
@@ -158,26 +161,8 @@ impl fmt::Debug for ClusterBuilder {
                     .collect::<Vec<_>>(),
             )
             .field("pool", &self.pool)
-            .field("checkout_timeout", &self.checkout_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("validate_after_idle", &self.validate_after_idle)
-            .field("application_name", &self.application_name)
-            .field("lazy_connect", &self.lazy_connect)
-            .field("breaker", &self.breaker)
-            .field("max_replica_lag", &self.max_replica_lag)
-            .field("max_replica_lag_bytes", &self.max_replica_lag_bytes)
-            .field("read_fallback", &self.read_fallback)
-            .field("read_balance", &self.read_balance)
+            .field("settings", &self.settings)
             .field("hooks", &self.hooks)
-            .field("leak_threshold", &self.leak_threshold)
-            .field("leak_backtrace", &self.leak_backtrace)
-            .field("plan_capture", &self.plan_capture)
-            .field("statement_timeout", &self.statement_timeout)
-            .field("tcp_user_timeout", &self.tcp_user_timeout)
-            .field("keepalives_idle", &self.keepalives_idle)
-            .field("require_tls", &self.require_tls)
-            .field("statement_mode", &self.statement_mode)
-            .field("statement_cache_capacity", &self.statement_cache_capacity)
             .finish()
     }
 }
@@ -375,7 +360,7 @@ impl ClusterBuilder {
     ///     .checkout_timeout(Duration::from_secs(2));
     /// ```
     pub fn checkout_timeout(mut self, d: Duration) -> Self {
-        self.checkout_timeout = d;
+        self.settings.checkout_timeout = d;
         self
     }
 
@@ -389,7 +374,7 @@ impl ClusterBuilder {
     ///     .connect_timeout(Duration::from_secs(3));
     /// ```
     pub fn connect_timeout(mut self, d: Duration) -> Self {
-        self.connect_timeout = Some(d);
+        self.settings.connect_timeout = Some(d);
         self
     }
 
@@ -404,7 +389,7 @@ impl ClusterBuilder {
     ///     .validate_after_idle(Duration::from_secs(5));
     /// ```
     pub fn validate_after_idle(mut self, d: Duration) -> Self {
-        self.validate_after_idle = d;
+        self.settings.validate_after_idle = d;
         self
     }
 
@@ -417,7 +402,7 @@ impl ClusterBuilder {
     ///     .application_name("billing-worker");
     /// ```
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
-        self.application_name = Some(name.into());
+        self.settings.application_name = Some(name.into());
         self
     }
 
@@ -431,7 +416,7 @@ impl ClusterBuilder {
     ///     .lazy_connect(true); // build() succeeds while the primary is down
     /// ```
     pub fn lazy_connect(mut self, lazy: bool) -> Self {
-        self.lazy_connect = lazy;
+        self.settings.lazy_connect = lazy;
         self
     }
 
@@ -446,7 +431,7 @@ impl ClusterBuilder {
     ///     .failure_threshold(3);
     /// ```
     pub fn failure_threshold(mut self, n: u32) -> Self {
-        self.breaker.failure_threshold = n;
+        self.settings.breaker.failure_threshold = n;
         self
     }
 
@@ -460,7 +445,7 @@ impl ClusterBuilder {
     ///     .open_duration(Duration::from_secs(10));
     /// ```
     pub fn open_duration(mut self, d: Duration) -> Self {
-        self.breaker.open_duration = d;
+        self.settings.breaker.open_duration = d;
         self
     }
 
@@ -473,7 +458,7 @@ impl ClusterBuilder {
     ///     .half_open_max_calls(2);
     /// ```
     pub fn half_open_max_calls(mut self, n: u32) -> Self {
-        self.breaker.half_open_max_calls = n;
+        self.settings.breaker.half_open_max_calls = n;
         self
     }
 
@@ -489,7 +474,7 @@ impl ClusterBuilder {
     ///     .max_replica_lag(Duration::from_secs(5));
     /// ```
     pub fn max_replica_lag(mut self, d: Duration) -> Self {
-        self.max_replica_lag = Some(d);
+        self.settings.max_replica_lag = Some(d);
         self
     }
 
@@ -503,7 +488,7 @@ impl ClusterBuilder {
     ///     .max_replica_lag_bytes(16 * 1024 * 1024);
     /// ```
     pub fn max_replica_lag_bytes(mut self, bytes: u64) -> Self {
-        self.max_replica_lag_bytes = Some(bytes);
+        self.settings.max_replica_lag_bytes = Some(bytes);
         self
     }
 
@@ -517,7 +502,7 @@ impl ClusterBuilder {
     ///     .read_fallback(pgxkit::ReadFallback::Error);
     /// ```
     pub fn read_fallback(mut self, fallback: ReadFallback) -> Self {
-        self.read_fallback = fallback;
+        self.settings.read_fallback = fallback;
         self
     }
 
@@ -533,7 +518,7 @@ impl ClusterBuilder {
     ///     .read_balance(pgxkit::ReadBalance::PerCall);
     /// ```
     pub fn read_balance(mut self, balance: ReadBalance) -> Self {
-        self.read_balance = balance;
+        self.settings.read_balance = balance;
         self
     }
 
@@ -747,7 +732,7 @@ impl ClusterBuilder {
     ///     .leak_detection_threshold(Duration::from_secs(30));
     /// ```
     pub fn leak_detection_threshold(mut self, d: Duration) -> Self {
-        self.leak_threshold = Some(d);
+        self.settings.leak_threshold = Some(d);
         self
     }
 
@@ -762,7 +747,7 @@ impl ClusterBuilder {
     ///     .leak_detection_backtrace(true);
     /// ```
     pub fn leak_detection_backtrace(mut self, yes: bool) -> Self {
-        self.leak_backtrace = yes;
+        self.settings.leak_backtrace = yes;
         self
     }
 
@@ -779,7 +764,7 @@ impl ClusterBuilder {
     ///     .statement_timeout(Duration::from_secs(30));
     /// ```
     pub fn statement_timeout(mut self, d: Duration) -> Self {
-        self.statement_timeout = Some(d);
+        self.settings.statement_timeout = Some(d);
         self
     }
 
@@ -795,7 +780,7 @@ impl ClusterBuilder {
     ///     .tcp_user_timeout(Duration::from_secs(10));
     /// ```
     pub fn tcp_user_timeout(mut self, d: Duration) -> Self {
-        self.tcp_user_timeout = Some(d);
+        self.settings.tcp_user_timeout = Some(d);
         self
     }
 
@@ -810,7 +795,7 @@ impl ClusterBuilder {
     ///     .keepalives_idle(Duration::from_secs(30));
     /// ```
     pub fn keepalives_idle(mut self, idle: Duration) -> Self {
-        self.keepalives_idle = Some(idle);
+        self.settings.keepalives_idle = Some(idle);
         self
     }
 
@@ -825,7 +810,7 @@ impl ClusterBuilder {
     ///     .require_tls(true); // build() fails unless every node's sslmode is require or stricter
     /// ```
     pub fn require_tls(mut self, yes: bool) -> Self {
-        self.require_tls = yes;
+        self.settings.require_tls = yes;
         self
     }
 
@@ -839,7 +824,7 @@ impl ClusterBuilder {
     ///     .statement_mode(pgxkit::StatementMode::Unnamed); // behind PgBouncer in transaction mode
     /// ```
     pub fn statement_mode(mut self, mode: StatementMode) -> Self {
-        self.statement_mode = mode;
+        self.settings.statement_mode = mode;
         self
     }
 
@@ -852,7 +837,7 @@ impl ClusterBuilder {
     ///     .statement_cache_capacity(128);
     /// ```
     pub fn statement_cache_capacity(mut self, n: usize) -> Self {
-        self.statement_cache_capacity = n;
+        self.settings.statement_cache_capacity = n;
         self
     }
 
@@ -867,7 +852,7 @@ impl ClusterBuilder {
     ///     .capture_slow_plans(PlanCapture::new(Duration::from_millis(500)));
     /// ```
     pub fn capture_slow_plans(mut self, capture: PlanCapture) -> Self {
-        self.plan_capture = Some(capture);
+        self.settings.plan_capture = Some(capture);
         self
     }
 
@@ -947,23 +932,10 @@ impl ClusterBuilder {
         Ok(ClusterConfig {
             primary,
             replicas,
-            checkout_timeout: self.checkout_timeout,
-            validate_after_idle: self.validate_after_idle,
             health_check_period,
-            lazy_connect: self.lazy_connect,
-            breaker: self.breaker,
-            max_replica_lag: self.max_replica_lag,
-            max_replica_lag_bytes: self.max_replica_lag_bytes,
-            read_fallback: self.read_fallback,
-            read_balance: self.read_balance,
             hooks: Arc::new(hooks),
-            leak_threshold: self.leak_threshold,
-            leak_backtrace: self.leak_backtrace,
-            plan_capture: self.plan_capture.clone(),
             metrics,
-            require_tls: self.require_tls,
-            statement_mode: self.statement_mode,
-            statement_cache_capacity: self.statement_cache_capacity,
+            settings: self.settings.clone(),
         })
     }
 
@@ -981,10 +953,10 @@ impl ClusterBuilder {
             ("max_conn_lifetime", p.max_conn_lifetime),
             ("max_conn_idle_time", p.max_conn_idle_time),
             ("health_check_period", p.health_check_period),
-            ("checkout_timeout", Some(self.checkout_timeout)),
-            ("connect_timeout", self.connect_timeout),
-            ("open_duration", Some(self.breaker.open_duration)),
-            ("leak_detection_threshold", self.leak_threshold),
+            ("checkout_timeout", Some(self.settings.checkout_timeout)),
+            ("connect_timeout", self.settings.connect_timeout),
+            ("open_duration", Some(self.settings.breaker.open_duration)),
+            ("leak_detection_threshold", self.settings.leak_threshold),
         ];
         for (key, d) in positive {
             if let Some(d) = d {
@@ -993,27 +965,33 @@ impl ClusterBuilder {
         }
         let bounded = [
             ("max_conn_lifetime_jitter", p.max_conn_lifetime_jitter),
-            ("validate_after_idle", Some(self.validate_after_idle)),
-            ("max_replica_lag", self.max_replica_lag),
-            ("statement_timeout", self.statement_timeout),
-            ("keepalives_idle", self.keepalives_idle),
+            (
+                "validate_after_idle",
+                Some(self.settings.validate_after_idle),
+            ),
+            ("max_replica_lag", self.settings.max_replica_lag),
+            ("statement_timeout", self.settings.statement_timeout),
+            ("keepalives_idle", self.settings.keepalives_idle),
         ];
         for (key, d) in bounded {
             if let Some(d) = d {
                 limits::duration(key, d)?;
             }
         }
-        if let Some(d) = self.tcp_user_timeout {
+        if let Some(d) = self.settings.tcp_user_timeout {
             limits::socket_timeout("tcp_user_timeout", d)?;
         }
-        if self.breaker.failure_threshold == 0 {
+        if self.settings.breaker.failure_threshold == 0 {
             return Err(Error::config("failure_threshold: must be at least 1"));
         }
-        if self.breaker.half_open_max_calls == 0 {
+        if self.settings.breaker.half_open_max_calls == 0 {
             return Err(Error::config("half_open_max_calls: must be at least 1"));
         }
-        limits::queue("statement_cache_capacity", self.statement_cache_capacity)?;
-        if let Some(capture) = &self.plan_capture {
+        limits::queue(
+            "statement_cache_capacity",
+            self.settings.statement_cache_capacity,
+        )?;
+        if let Some(capture) = &self.settings.plan_capture {
             limits::queue("capture_slow_plans queue", capture.queue_len())?;
         }
         Ok(())
@@ -1053,11 +1031,15 @@ impl ClusterBuilder {
         };
         pool.validate()?;
         let connect_timeout = self
+            .settings
             .connect_timeout
             .or(parsed.pg.get_connect_timeout().copied())
             .unwrap_or(defaults::CONNECT_TIMEOUT);
         parsed.pg.connect_timeout(connect_timeout);
-        match (&self.application_name, parsed.pg.get_application_name()) {
+        match (
+            &self.settings.application_name,
+            parsed.pg.get_application_name(),
+        ) {
             (Some(name), _) => {
                 parsed.pg.application_name(name);
             }
@@ -1066,16 +1048,19 @@ impl ClusterBuilder {
             }
             (None, Some(_)) => {}
         }
-        if let Some(d) = self.tcp_user_timeout {
+        if let Some(d) = self.settings.tcp_user_timeout {
             parsed.pg.tcp_user_timeout(d);
         }
-        if let Some(d) = self.keepalives_idle {
+        if let Some(d) = self.settings.keepalives_idle {
             parsed.pg.keepalives(true).keepalives_idle(d);
         }
         let init_sql = self
+            .settings
             .statement_timeout
             .map(|d| format!("SET statement_timeout = {}", d.as_millis().max(1)));
-        if self.require_tls && matches!(parsed.tls.mode, SslMode::Disable | SslMode::Prefer) {
+        if self.settings.require_tls
+            && matches!(parsed.tls.mode, SslMode::Disable | SslMode::Prefer)
+        {
             return Err(Error::config(format!(
                 "sslmode: `{}` with require_tls: use require, verify-ca or verify-full",
                 parsed.tls.mode
@@ -1160,27 +1145,15 @@ pub(crate) struct NodeConfig {
     pub(crate) init_sql: Option<String>,
 }
 
-/// The whole cluster's settings, resolved and validated.
+/// The whole cluster's settings, resolved and validated: the nodes, what
+/// is derived from them, and the builder's [`Settings`] as they were set.
 pub(crate) struct ClusterConfig {
     pub(crate) primary: NodeConfig,
     pub(crate) replicas: Vec<NodeConfig>,
-    pub(crate) checkout_timeout: Duration,
-    pub(crate) validate_after_idle: Duration,
     pub(crate) health_check_period: Duration,
-    pub(crate) lazy_connect: bool,
-    pub(crate) breaker: BreakerConfig,
-    pub(crate) max_replica_lag: Option<Duration>,
-    pub(crate) max_replica_lag_bytes: Option<u64>,
-    pub(crate) read_fallback: ReadFallback,
-    pub(crate) read_balance: ReadBalance,
     pub(crate) hooks: Arc<Hooks>,
-    pub(crate) leak_threshold: Option<Duration>,
-    pub(crate) leak_backtrace: bool,
-    pub(crate) plan_capture: Option<PlanCapture>,
     /// Where to register the metrics, and what (feature `prometheus`).
     #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
     pub(crate) metrics: Option<Metrics>,
-    pub(crate) require_tls: bool,
-    pub(crate) statement_mode: StatementMode,
-    pub(crate) statement_cache_capacity: usize,
+    pub(crate) settings: Settings,
 }

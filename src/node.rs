@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::breaker::{BreakerConfig, Gate};
-use crate::config::NodeConfig;
+use crate::breaker::Gate;
+use crate::config::{NodeConfig, Settings};
 use crate::deadline::{Canceller, Watchdog};
 use crate::hooks::{self, Hooks, NodeEvent, OperationKind};
 use crate::info::{NodeInfo, Role};
@@ -39,14 +39,9 @@ pub(crate) struct Stmt<'a> {
 /// Cluster-wide settings every node uses.
 #[derive(Debug, Clone)]
 pub(crate) struct NodeOptions {
-    pub(crate) checkout_timeout: Duration,
-    pub(crate) validate_after_idle: Duration,
-    pub(crate) breaker: BreakerConfig,
+    pub(crate) settings: Arc<Settings>,
     pub(crate) hooks: Arc<Hooks>,
-    pub(crate) leak_threshold: Option<Duration>,
-    pub(crate) leak_backtrace: bool,
     pub(crate) watchdog: Arc<Watchdog>,
-    pub(crate) statement_cache_capacity: usize,
 }
 
 /// What the last health probe found, beyond the atomics on the hot path.
@@ -115,7 +110,11 @@ impl Node {
         });
         Node {
             pool: Pool::open(&info, Arc::clone(&connector), &pool, options),
-            gate: Gate::new(options.breaker, info.clone(), Arc::clone(&options.hooks)),
+            gate: Gate::new(
+                options.settings.breaker,
+                info.clone(),
+                Arc::clone(&options.hooks),
+            ),
             info,
             canceller: Arc::clone(&connector) as Arc<dyn Canceller>,
             connector,

@@ -196,7 +196,7 @@ impl Pool {
             connector,
             pool.max_conn_lifetime,
             pool.max_conn_lifetime_jitter,
-            options.statement_cache_capacity,
+            options.settings.statement_cache_capacity,
             Arc::clone(&shared),
         );
         // Validated in `ClusterBuilder::resolve`: r2d2 asserts on zero sizes
@@ -206,7 +206,7 @@ impl Pool {
             .min_idle(Some(pool.min_conns))
             .max_lifetime(Some(pool.max_conn_lifetime + pool.max_conn_lifetime_jitter))
             .idle_timeout(Some(pool.max_conn_idle_time))
-            .connection_timeout(options.checkout_timeout)
+            .connection_timeout(options.settings.checkout_timeout)
             .test_on_check_out(false)
             .thread_pool(Arc::new(
                 ScheduledThreadPool::builder()
@@ -225,18 +225,21 @@ impl Pool {
             max_conns: pool.max_conns,
             min_conns: pool.min_conns,
             max_conn_idle_time: pool.max_conn_idle_time,
-            checkout_timeout: options.checkout_timeout,
-            validate_after_idle: options.validate_after_idle,
+            checkout_timeout: options.settings.checkout_timeout,
+            validate_after_idle: options.settings.validate_after_idle,
             hooks: Arc::clone(&options.hooks),
             parking: Parking::default(),
             hot: Striped::default(),
             utilization_warned: AtomicBool::new(false),
-            leaks: options.leak_threshold.map(|threshold| LeakTracker {
-                threshold,
-                backtrace: options.leak_backtrace,
-                next_id: AtomicU64::new(0),
-                leases: Mutex::new(HashMap::new()),
-            }),
+            leaks: options
+                .settings
+                .leak_threshold
+                .map(|threshold| LeakTracker {
+                    threshold,
+                    backtrace: options.settings.leak_backtrace,
+                    next_id: AtomicU64::new(0),
+                    leases: Mutex::new(HashMap::new()),
+                }),
         }
     }
 
