@@ -11,18 +11,18 @@ use crossbeam_channel::Sender;
 use postgres::Row;
 
 use crate::balancer::Balancer;
-use crate::config::{ClusterBuilder, ClusterConfig, ReadFallback};
 use crate::deadline::Watchdog;
 use crate::error::{Error, ErrorKind, Result};
 use crate::health::{self, HealthReport, NodeHealth};
 use crate::hooks::{self, Hooks, Op, OperationKind, ShutdownEvent};
 use crate::info::{NodeInfo, Role};
 use crate::monitor;
-use crate::node::{Node, NodeOptions, Nodes, Stmt};
+use crate::node::{Node, Nodes, Stmt};
 use crate::plans::{self, Capture};
 use crate::pool::manager::{Connected, Connector};
-use crate::replica::ReplicaHandle;
 use crate::rows::RowIter;
+use crate::settings::NodeOptions;
+use crate::settings::{ClusterConfig, ReadFallback};
 use crate::shutdown::{InFlight, Lifecycle, ShutdownReport};
 use crate::ssl_status::{self, SslStatus};
 use crate::statements::{Call, Output, Params, StatementMode};
@@ -66,7 +66,7 @@ impl ConnectionCheck {
             .pg
             .get_connect_timeout()
             .copied()
-            .unwrap_or(crate::config::defaults::CONNECT_TIMEOUT)
+            .unwrap_or(crate::settings::defaults::CONNECT_TIMEOUT)
             .saturating_mul(connector.tls.attempts())
             .saturating_add(CHECK_SLACK);
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -124,10 +124,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// code take either side, or a transaction.
 ///
 /// Every method blocks the calling thread: first to check out a connection
-/// (bounded by [`checkout_timeout`](ClusterBuilder::checkout_timeout)), then
+/// (bounded by [`checkout_timeout`](crate::ClusterBuilder::checkout_timeout)), then
 /// for the statement itself (bounded by a deadline only when one is set:
 /// [`with_timeout`](Self::with_timeout) or
-/// [`statement_timeout`](ClusterBuilder::statement_timeout)).
+/// [`statement_timeout`](crate::ClusterBuilder::statement_timeout)).
 ///
 /// ```no_run
 /// use pgxkit::Cluster;
@@ -175,6 +175,12 @@ impl Inner {
     pub(crate) fn nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.nodes()
     }
+
+    /// The nodes, as a background worker holds them.
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+    pub(crate) fn nodes_weak(&self) -> std::sync::Weak<Nodes> {
+        Arc::downgrade(&self.nodes)
+    }
 }
 
 impl std::fmt::Debug for Cluster {
@@ -190,54 +196,6 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
-    /// A builder for a cluster with a primary and any number of replicas.
-    ///
-    /// ```no_run
-    /// let cluster = pgxkit::Cluster::builder()
-    ///     .primary("postgres://app@db-primary/app")
-    ///     .replica("postgres://app@db-replica/app")
-    ///     .build()?;
-    /// # Ok::<(), pgxkit::Error>(())
-    /// ```
-    pub fn builder() -> ClusterBuilder {
-        ClusterBuilder::default()
-    }
-
-    /// One node serving reads and writes (the Go library's `Connect`).
-    ///
-    /// ```no_run
-    /// let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app?pool_max_conns=10")?;
-    /// # Ok::<(), pgxkit::Error>(())
-    /// ```
-    pub fn connect(dsn: &str) -> Result<Cluster> {
-        Self::builder().primary(dsn).build()
-    }
-
-    /// Reads from `read_dsn`, everything else to `write_dsn` (the Go
-    /// library's `ConnectReadWrite`). Each DSN may carry its own `pool_*` settings.
-    ///
-    /// ```no_run
-    /// let cluster = pgxkit::Cluster::connect_read_write(
-    ///     "postgres://reader@db-replica/app?pool_max_conns=50",
-    ///     "postgres://writer@db-primary/app?pool_max_conns=20",
-    /// )?;
-    /// # Ok::<(), pgxkit::Error>(())
-    /// ```
-    pub fn connect_read_write(read_dsn: &str, write_dsn: &str) -> Result<Cluster> {
-        Self::builder().primary(write_dsn).replica(read_dsn).build()
-    }
-
-    /// A cluster configured from `POSTGRES_*` environment variables; see
-    /// [`ClusterBuilder::from_env`] for the table.
-    ///
-    /// ```no_run
-    /// let cluster = pgxkit::Cluster::from_env()?;
-    /// # Ok::<(), pgxkit::Error>(())
-    /// ```
-    pub fn from_env() -> Result<Cluster> {
-        ClusterBuilder::from_env()?.build()
-    }
-
     pub(crate) fn start(config: ClusterConfig) -> Result<Cluster> {
         let watchdog = Arc::new(Watchdog::default());
         let options = NodeOptions {
@@ -335,11 +293,6 @@ impl Cluster {
             let worker = plans::spawn(Arc::downgrade(&inner.nodes), jobs, stop_rx)
                 .map_err(|e| thread_error("plan capture", e))?;
             lock(&inner.threads).push(worker);
-        }
-        // Last, so a build that fails leaves the user's registry as it was.
-        #[cfg(feature = "prometheus")]
-        if let Some((registry, pending)) = config.metrics {
-            crate::metrics::register(&registry, pending, Arc::downgrade(&inner.nodes))?;
         }
         Ok(Cluster {
             inner,
@@ -791,24 +744,6 @@ impl Cluster {
         f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
         self.lend(Role::Primary, self.primary(), f)
-    }
-
-    /// The read handle: a cheap `Copy` handle whose every call goes to an
-    /// eligible replica (up, allowed by its breaker, within the lag limits;
-    /// each thread stays on one, the threads spread over them, see
-    /// [`ReadBalance`](crate::ReadBalance)), with the fallback policy's
-    /// answer when none is (the primary by default). It has no `execute`:
-    /// writes go through the `Cluster` itself. It keeps this handle's
-    /// deadline and statement mode.
-    ///
-    /// ```no_run
-    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-    /// let replica = cluster.replica();
-    /// let n: i64 = replica.query_one("SELECT count(*) FROM users", &[])?.get(0);
-    /// # Ok::<(), pgxkit::Error>(())
-    /// ```
-    pub fn replica(&self) -> ReplicaHandle<'_> {
-        ReplicaHandle::new(self)
     }
 
     /// A snapshot of every node's pool. Takes each pool's lock briefly; the

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::balancer::ReadBalance;
-use crate::breaker::BreakerConfig;
 use crate::cluster::Cluster;
 use crate::dsn::{Dsn, PoolOverrides, SslMode, redact_dsn};
 use crate::error::{Error, Result};
@@ -17,6 +16,7 @@ use crate::info::{NodeInfo, Role};
 use crate::limits;
 use crate::pgpass;
 use crate::plans::PlanCapture;
+use crate::settings::{ClusterConfig, NodeConfig, PoolConfig, ReadFallback, Settings, defaults};
 use crate::statements::StatementMode;
 use crate::tls;
 
@@ -58,96 +58,6 @@ pub struct ClusterBuilder {
     prometheus: Option<prometheus::Registry>,
 }
 
-/// Every cluster-wide option, written once: the builder holds it, the
-/// cluster and its nodes read it (as ureq's `ConfigBuilder` wraps its
-/// `Config`). Defaults are here and nowhere else.
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
-    pub(crate) checkout_timeout: Duration,
-    pub(crate) connect_timeout: Option<Duration>,
-    pub(crate) validate_after_idle: Duration,
-    pub(crate) application_name: Option<String>,
-    pub(crate) lazy_connect: bool,
-    pub(crate) breaker: BreakerConfig,
-    pub(crate) max_replica_lag: Option<Duration>,
-    pub(crate) max_replica_lag_bytes: Option<u64>,
-    pub(crate) read_fallback: ReadFallback,
-    pub(crate) read_balance: ReadBalance,
-    pub(crate) leak_threshold: Option<Duration>,
-    pub(crate) leak_backtrace: bool,
-    pub(crate) plan_capture: Option<PlanCapture>,
-    pub(crate) statement_timeout: Option<Duration>,
-    pub(crate) tcp_user_timeout: Option<Duration>,
-    pub(crate) keepalives_idle: Option<Duration>,
-    pub(crate) require_tls: bool,
-    pub(crate) statement_mode: StatementMode,
-    pub(crate) statement_cache_capacity: usize,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            checkout_timeout: defaults::CHECKOUT_TIMEOUT,
-            connect_timeout: None,
-            validate_after_idle: defaults::VALIDATE_AFTER_IDLE,
-            application_name: None,
-            lazy_connect: false,
-            breaker: BreakerConfig::default(),
-            max_replica_lag: None,
-            max_replica_lag_bytes: None,
-            read_fallback: ReadFallback::Primary,
-            read_balance: ReadBalance::PerThread,
-            leak_threshold: None,
-            leak_backtrace: false,
-            plan_capture: None,
-            statement_timeout: None,
-            tcp_user_timeout: None,
-            keepalives_idle: None,
-            require_tls: false,
-            statement_mode: StatementMode::Cached,
-            statement_cache_capacity: 512,
-        }
-    }
-}
-
-/// What reads do when no replica is eligible (all down, open breakers, or
-/// lagging past the limit).
-///
-/// ```no_run
-/// # fn main() -> Result<(), pgxkit::Error> {
-/// let cluster = pgxkit::Cluster::builder()
-///     .primary("postgres://app@db-primary/app")
-///     .replica("postgres://app@db-replica/app")
-///     .read_fallback(pgxkit::ReadFallback::Error)
-///     .build()?;
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ReadFallback {
-    /// Reads go to the primary. The default.
-    #[default]
-    Primary,
-    /// Reads fail with [`ErrorKind::NoEligibleReplica`](crate::ErrorKind::NoEligibleReplica).
-    Error,
-}
-
-/// Defaults, in one place for the docs and the code.
-pub(crate) mod defaults {
-    use std::time::Duration;
-
-    pub(crate) fn max_conns() -> u32 {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        u32::try_from(cpus).unwrap_or(u32::MAX).max(4)
-    }
-    pub(crate) const MAX_CONN_LIFETIME: Duration = Duration::from_secs(3600);
-    pub(crate) const MAX_CONN_IDLE_TIME: Duration = Duration::from_secs(1800);
-    pub(crate) const HEALTH_CHECK_PERIOD: Duration = Duration::from_secs(10);
-    pub(crate) const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(10);
-    pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-    pub(crate) const VALIDATE_AFTER_IDLE: Duration = Duration::from_secs(1);
-    pub(crate) const APPLICATION_NAME: &str = "pgxkit";
-}
-
 impl fmt::Debug for ClusterBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClusterBuilder")
@@ -167,56 +77,57 @@ impl fmt::Debug for ClusterBuilder {
     }
 }
 
-impl ClusterBuilder {
-    /// A builder configured from `POSTGRES_*` environment variables, then
-    /// libpq's `PG*` ones, to be adjusted further before `build()`. Read
-    /// only when this is called.
-    ///
-    /// | variable (first set wins) | meaning | default |
-    /// |---|---|---|
-    /// | `POSTGRES_HOST`, `PGHOST` | primary host | `localhost` |
-    /// | `POSTGRES_PORT`, `PGPORT` | port of every node without its own | `5432` |
-    /// | `POSTGRES_USER`, `PGUSER` | user | the OS user (`$USER`), else `postgres` |
-    /// | `POSTGRES_PASSWORD`, `POSTGRES_PASSWORD_FILE`, `PGPASSWORD` | password; the file's one trailing newline is dropped; not both `POSTGRES_` ones | none: the password file (`passfile`, `PGPASSFILE`, `~/.pgpass`) |
-    /// | `POSTGRES_DB`, `PGDATABASE` | database | the user name |
-    /// | `POSTGRES_SSLMODE`, `PGSSLMODE` | `disable`, `prefer`, `require`, `verify-ca`, `verify-full` | `prefer` |
-    /// | `POSTGRES_SSLROOTCERT`, `PGSSLROOTCERT`; `POSTGRES_SSLCERT`, `PGSSLCERT`; `POSTGRES_SSLKEY`, `PGSSLKEY` | TLS files (libpq's `sslrootcert`, `sslcert`, `sslkey`) | none |
-    /// | `POSTGRES_APPLICATION_NAME`, `PGAPPNAME` | `application_name` | `pgxkit` |
-    /// | `POSTGRES_CONNECT_TIMEOUT`, `PGCONNECT_TIMEOUT` | connect timeout in seconds (fractions allowed) | 10 |
-    /// | `POSTGRES_MAX_CONNS` | [`max_conns`](Self::max_conns) | CPUs, at least 4 |
-    /// | `POSTGRES_MIN_CONNS` | [`min_conns`](Self::min_conns) | 0 |
-    /// | `POSTGRES_MAX_CONN_LIFETIME` | [`max_conn_lifetime`](Self::max_conn_lifetime), e.g. `1h` | `1h` |
-    /// | `POSTGRES_MAX_CONN_IDLE_TIME` | [`max_conn_idle_time`](Self::max_conn_idle_time), e.g. `30m` | `30m` |
-    /// | `POSTGRES_HEALTH_CHECK_PERIOD` | [`health_check_period`](Self::health_check_period), e.g. `1m` | `10s` |
-    /// | `POSTGRES_REPLICA_HOSTS` | replicas, `host[:port],...` | none |
-    /// | `POSTGRES_READ_USER`, `POSTGRES_READ_PASSWORD` | replicas' credentials | the primary's |
-    ///
-    /// An empty variable counts as unset. A bad value is an
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config) error naming the variable.
+impl Cluster {
+    /// A builder for a cluster with a primary and any number of replicas.
     ///
     /// ```no_run
-    /// let cluster = pgxkit::ClusterBuilder::from_env()?.application_name("worker").build()?;
+    /// let cluster = pgxkit::Cluster::builder()
+    ///     .primary("postgres://app@db-primary/app")
+    ///     .replica("postgres://app@db-replica/app")
+    ///     .build()?;
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
-    pub fn from_env() -> Result<Self> {
-        crate::env::builder_from_env(&|key| std::env::var(key).ok())
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
     }
 
-    /// [`from_env`](Self::from_env) with the variables looked up through
-    /// `lookup` instead of the process environment.
+    /// One node serving reads and writes (the Go library's `Connect`).
     ///
-    /// ```
-    /// let builder = pgxkit::ClusterBuilder::from_env_with(|key| match key {
-    ///     "POSTGRES_HOST" => Some("db-primary".into()),
-    ///     "POSTGRES_REPLICA_HOSTS" => Some("db-replica-1,db-replica-2:6432".into()),
-    ///     _ => None,
-    /// })?;
+    /// ```no_run
+    /// let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app?pool_max_conns=10")?;
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
-    pub fn from_env_with(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        crate::env::builder_from_env(&lookup)
+    pub fn connect(dsn: &str) -> Result<Cluster> {
+        Self::builder().primary(dsn).build()
     }
 
+    /// Reads from `read_dsn`, everything else to `write_dsn` (the Go
+    /// library's `ConnectReadWrite`). Each DSN may carry its own `pool_*` settings.
+    ///
+    /// ```no_run
+    /// let cluster = pgxkit::Cluster::connect_read_write(
+    ///     "postgres://reader@db-replica/app?pool_max_conns=50",
+    ///     "postgres://writer@db-primary/app?pool_max_conns=20",
+    /// )?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn connect_read_write(read_dsn: &str, write_dsn: &str) -> Result<Cluster> {
+        Self::builder().primary(write_dsn).replica(read_dsn).build()
+    }
+
+    /// A cluster configured from `POSTGRES_*` environment variables; see
+    /// [`ClusterBuilder::from_env`] for the table.
+    ///
+    /// ```no_run
+    /// let cluster = pgxkit::Cluster::from_env()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn from_env() -> Result<Cluster> {
+        ClusterBuilder::from_env()?.build()
+    }
+}
+
+impl ClusterBuilder {
     /// The primary's DSN (URL or key=value). Required.
     ///
     /// ```
@@ -895,10 +806,19 @@ impl ClusterBuilder {
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn build(self) -> Result<Cluster> {
-        Cluster::start(self.resolve()?)
+        let (config, metrics) = self.resolve()?;
+        let cluster = Cluster::start(config)?;
+        // Last, so a build that fails leaves the user's registry as it was.
+        #[cfg(feature = "prometheus")]
+        if let Some((registry, pending)) = metrics {
+            crate::metrics::register(&registry, pending, cluster.inner.nodes_weak())?;
+        }
+        #[cfg(not(feature = "prometheus"))]
+        let _: Option<Metrics> = metrics;
+        Ok(cluster)
     }
 
-    pub(crate) fn resolve(&self) -> Result<ClusterConfig> {
+    pub(crate) fn resolve(&self) -> Result<(ClusterConfig, Option<Metrics>)> {
         let primary_dsn = self
             .primary
             .as_deref()
@@ -929,14 +849,14 @@ impl ClusterBuilder {
             .or(primary.health_check_period)
             .unwrap_or(defaults::HEALTH_CHECK_PERIOD);
         let (hooks, metrics) = self.resolve_hooks()?;
-        Ok(ClusterConfig {
+        let config = ClusterConfig {
             primary,
             replicas,
             health_check_period,
             hooks: Arc::new(hooks),
-            metrics,
             settings: self.settings.clone(),
-        })
+        };
+        Ok((config, metrics))
     }
 
     /// Every size and duration set on the builder, within
@@ -1079,6 +999,13 @@ impl ClusterBuilder {
 }
 
 /// The password for a DSN that gives none, from libpq's password file.
+/// A registry and the metrics to register on it once the cluster is built.
+#[cfg(feature = "prometheus")]
+pub(crate) type Metrics = (prometheus::Registry, crate::metrics::Pending);
+/// Without the `prometheus` feature there are none.
+#[cfg(not(feature = "prometheus"))]
+pub(crate) type Metrics = std::convert::Infallible;
+
 fn password_from_file(parsed: &mut Dsn) {
     use postgres::config::Host;
     let Some(path) = pgpass::location(parsed.passfile.as_deref()) else {
@@ -1102,58 +1029,4 @@ fn password_from_file(parsed: &mut Dsn) {
     if let Some(password) = pgpass::lookup(&path, &target) {
         parsed.pg.password(password);
     }
-}
-
-/// One node's pool settings, resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PoolConfig {
-    pub(crate) max_conns: u32,
-    pub(crate) min_conns: u32,
-    pub(crate) max_conn_lifetime: Duration,
-    pub(crate) max_conn_lifetime_jitter: Duration,
-    pub(crate) max_conn_idle_time: Duration,
-}
-
-impl PoolConfig {
-    /// What the bounds of each value alone (checked where it was given)
-    /// cannot see.
-    fn validate(&self) -> Result<()> {
-        if self.min_conns > self.max_conns {
-            return Err(Error::config(format!(
-                "min_conns: {} is more than max_conns {}",
-                self.min_conns, self.max_conns
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// A registry and the metrics to register on it once the cluster is built.
-#[cfg(feature = "prometheus")]
-pub(crate) type Metrics = (prometheus::Registry, crate::metrics::Pending);
-/// Without the `prometheus` feature there are none.
-#[cfg(not(feature = "prometheus"))]
-pub(crate) type Metrics = std::convert::Infallible;
-
-/// One node, ready to be opened.
-pub(crate) struct NodeConfig {
-    pub(crate) info: NodeInfo,
-    pub(crate) pg: postgres::Config,
-    pub(crate) tls: tls::Tls,
-    pub(crate) pool: PoolConfig,
-    pub(crate) health_check_period: Option<Duration>,
-    pub(crate) init_sql: Option<String>,
-}
-
-/// The whole cluster's settings, resolved and validated: the nodes, what
-/// is derived from them, and the builder's [`Settings`] as they were set.
-pub(crate) struct ClusterConfig {
-    pub(crate) primary: NodeConfig,
-    pub(crate) replicas: Vec<NodeConfig>,
-    pub(crate) health_check_period: Duration,
-    pub(crate) hooks: Arc<Hooks>,
-    /// Where to register the metrics, and what (feature `prometheus`).
-    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
-    pub(crate) metrics: Option<Metrics>,
-    pub(crate) settings: Settings,
 }

@@ -50,6 +50,57 @@ pub fn dsn_from_env_with(lookup: impl Fn(&str) -> Option<String>) -> Result<Stri
 
 /// Builds a [`ClusterBuilder`] from the environment; see
 /// [`ClusterBuilder::from_env_with`].
+impl ClusterBuilder {
+    /// A builder configured from `POSTGRES_*` environment variables, then
+    /// libpq's `PG*` ones, to be adjusted further before `build()`. Read
+    /// only when this is called.
+    ///
+    /// | variable (first set wins) | meaning | default |
+    /// |---|---|---|
+    /// | `POSTGRES_HOST`, `PGHOST` | primary host | `localhost` |
+    /// | `POSTGRES_PORT`, `PGPORT` | port of every node without its own | `5432` |
+    /// | `POSTGRES_USER`, `PGUSER` | user | the OS user (`$USER`), else `postgres` |
+    /// | `POSTGRES_PASSWORD`, `POSTGRES_PASSWORD_FILE`, `PGPASSWORD` | password; the file's one trailing newline is dropped; not both `POSTGRES_` ones | none: the password file (`passfile`, `PGPASSFILE`, `~/.pgpass`) |
+    /// | `POSTGRES_DB`, `PGDATABASE` | database | the user name |
+    /// | `POSTGRES_SSLMODE`, `PGSSLMODE` | `disable`, `prefer`, `require`, `verify-ca`, `verify-full` | `prefer` |
+    /// | `POSTGRES_SSLROOTCERT`, `PGSSLROOTCERT`; `POSTGRES_SSLCERT`, `PGSSLCERT`; `POSTGRES_SSLKEY`, `PGSSLKEY` | TLS files (libpq's `sslrootcert`, `sslcert`, `sslkey`) | none |
+    /// | `POSTGRES_APPLICATION_NAME`, `PGAPPNAME` | `application_name` | `pgxkit` |
+    /// | `POSTGRES_CONNECT_TIMEOUT`, `PGCONNECT_TIMEOUT` | connect timeout in seconds (fractions allowed) | 10 |
+    /// | `POSTGRES_MAX_CONNS` | [`max_conns`](Self::max_conns) | CPUs, at least 4 |
+    /// | `POSTGRES_MIN_CONNS` | [`min_conns`](Self::min_conns) | 0 |
+    /// | `POSTGRES_MAX_CONN_LIFETIME` | [`max_conn_lifetime`](Self::max_conn_lifetime), e.g. `1h` | `1h` |
+    /// | `POSTGRES_MAX_CONN_IDLE_TIME` | [`max_conn_idle_time`](Self::max_conn_idle_time), e.g. `30m` | `30m` |
+    /// | `POSTGRES_HEALTH_CHECK_PERIOD` | [`health_check_period`](Self::health_check_period), e.g. `1m` | `10s` |
+    /// | `POSTGRES_REPLICA_HOSTS` | replicas, `host[:port],...` | none |
+    /// | `POSTGRES_READ_USER`, `POSTGRES_READ_PASSWORD` | replicas' credentials | the primary's |
+    ///
+    /// An empty variable counts as unset. A bad value is an
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) error naming the variable.
+    ///
+    /// ```no_run
+    /// let cluster = pgxkit::ClusterBuilder::from_env()?.application_name("worker").build()?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn from_env() -> Result<Self> {
+        crate::env::builder_from_env(&|key| std::env::var(key).ok())
+    }
+
+    /// [`from_env`](Self::from_env) with the variables looked up through
+    /// `lookup` instead of the process environment.
+    ///
+    /// ```
+    /// let builder = pgxkit::ClusterBuilder::from_env_with(|key| match key {
+    ///     "POSTGRES_HOST" => Some("db-primary".into()),
+    ///     "POSTGRES_REPLICA_HOSTS" => Some("db-replica-1,db-replica-2:6432".into()),
+    ///     _ => None,
+    /// })?;
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn from_env_with(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        builder_from_env(&lookup)
+    }
+}
+
 pub(crate) fn builder_from_env(lookup: &dyn Fn(&str) -> Option<String>) -> Result<ClusterBuilder> {
     let env = Env(lookup);
     let conn = Connection::read(&env)?;

@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::breaker::Gate;
-use crate::config::{NodeConfig, Settings};
 use crate::deadline::{Canceller, Watchdog};
 use crate::hooks::{self, Hooks, NodeEvent, OperationKind};
 use crate::info::{NodeInfo, Role};
 use crate::plans::Capture;
 use crate::pool::Pool;
 use crate::pool::manager::Connector;
+use crate::settings::{NodeConfig, NodeOptions};
 use crate::socket::Sockets;
 use crate::statements::{Call, StatementMode};
 use crate::stats::NodeStats;
@@ -34,14 +34,6 @@ pub(crate) struct Stmt<'a> {
     pub(crate) params: &'a [&'a (dyn ToSql + Sync)],
     pub(crate) call: Call,
     pub(crate) plans: Option<&'a Capture>,
-}
-
-/// Cluster-wide settings every node uses.
-#[derive(Debug, Clone)]
-pub(crate) struct NodeOptions {
-    pub(crate) settings: Arc<Settings>,
-    pub(crate) hooks: Arc<Hooks>,
-    pub(crate) watchdog: Arc<Watchdog>,
 }
 
 /// What the last health probe found, beyond the atomics on the hot path.

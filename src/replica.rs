@@ -55,6 +55,26 @@ impl fmt::Debug for ReplicaHandle<'_> {
     }
 }
 
+impl Cluster {
+    /// The read handle: a cheap `Copy` handle whose every call goes to an
+    /// eligible replica (up, allowed by its breaker, within the lag limits;
+    /// each thread stays on one, the threads spread over them, see
+    /// [`ReadBalance`](crate::ReadBalance)), with the fallback policy's
+    /// answer when none is (the primary by default). It has no `execute`:
+    /// writes go through the `Cluster` itself. It keeps this handle's
+    /// deadline and statement mode.
+    ///
+    /// ```no_run
+    /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
+    /// let replica = cluster.replica();
+    /// let n: i64 = replica.query_one("SELECT count(*) FROM users", &[])?.get(0);
+    /// # Ok::<(), pgxkit::Error>(())
+    /// ```
+    pub fn replica(&self) -> ReplicaHandle<'_> {
+        ReplicaHandle::new(self)
+    }
+}
+
 impl<'c> ReplicaHandle<'c> {
     pub(crate) fn new(cluster: &'c Cluster) -> Self {
         ReplicaHandle { cluster }

@@ -229,7 +229,7 @@ impl Connector {
         let timeout = pg
             .get_connect_timeout()
             .copied()
-            .unwrap_or(crate::config::defaults::CONNECT_TIMEOUT);
+            .unwrap_or(crate::settings::defaults::CONNECT_TIMEOUT);
         let bound = timeout.saturating_mul(self.tls.attempts());
         let peer = Peer::of(pg);
         let gate = peer.gate();

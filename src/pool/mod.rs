@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use r2d2::PooledConnection;
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
-use crate::config::PoolConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::hooks::{self, ConnectionEvent, Hooks};
 use crate::info::NodeInfo;
-use crate::node::NodeOptions;
+use crate::settings::NodeOptions;
+use crate::settings::PoolConfig;
 use crate::stats::PoolStats;
 use crate::stripes::Striped;
 use crate::sync::lock;
