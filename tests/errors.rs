@@ -20,6 +20,7 @@ fn assert_permanent(dsn: &str, code: Option<&str>, says: &str) {
         .primary(dsn)
         .lazy_connect(true)
         .connect_timeout(Duration::from_secs(5))
+        .checkout_timeout(Duration::from_secs(30))
         .build()
         .unwrap();
     let attempts = Cell::new(0);
@@ -34,8 +35,13 @@ fn assert_permanent(dsn: &str, code: Option<&str>, says: &str) {
     assert_eq!(err.code().map(|c| c.code()), code, "{dsn}: {err:?}");
     assert!(!err.is_retryable(), "{dsn}: {err:?}");
     assert_eq!(attempts.get(), 1, "{dsn}: retried {shown}");
+    // At once: the failed connect ends the checkout, which does not wait
+    // for its 30 s timeout. Alone this takes 50-150 ms; once, with two
+    // full suites running on the machine, 5.3 s (not explained yet: see
+    // the session notes), so the bound is well under the timeout it
+    // guards against rather than tight.
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(15),
         "{:?}",
         started.elapsed()
     );
