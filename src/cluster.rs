@@ -795,16 +795,16 @@ impl Cluster {
         let _in_flight = self.enter()?;
         let node = self.primary();
         let started = Instant::now();
-        let permit = node.gate.admit()?;
-        let result = node.pool.checkout_within(timeout).and_then(|mut conn| {
-            let left = timeout
-                .saturating_sub(started.elapsed())
-                .max(Duration::from_millis(1));
-            let result = conn.client.is_valid(left);
-            result.map_err(|e| node.failed(&mut conn, e))
-        });
-        permit.finish(&result);
-        result
+        node.call_with(
+            |pool| pool.checkout_within(timeout),
+            |mut conn| {
+                let left = timeout
+                    .saturating_sub(started.elapsed())
+                    .max(Duration::from_millis(1));
+                let result = conn.client.is_valid(left);
+                result.map_err(|e| node.failed(&mut conn, e))
+            },
+        )
     }
 
     /// The cluster's health as the monitor last saw it, with live pool

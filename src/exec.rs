@@ -11,8 +11,8 @@ use crate::hooks::OperationKind;
 use crate::info::Role;
 use crate::node::{Node, Stmt};
 use crate::plans::Capture;
-use crate::pool::Lease;
 use crate::pool::manager::Conn;
+use crate::pool::{Lease, Pool};
 use crate::statements::{self, Call, Output, Params, StatementMode};
 
 impl Node {
@@ -29,8 +29,19 @@ impl Node {
         deadline: Option<Instant>,
         op: impl FnOnce(Lease<'n>) -> Result<T>,
     ) -> Result<T> {
+        self.call_with(|pool| pool.checkout_until(deadline), op)
+    }
+
+    /// [`call`](Self::call) with a checkout of the caller's (the health
+    /// check's is bounded by its own timeout, not a deadline).
+    #[inline]
+    pub(crate) fn call_with<'n, T>(
+        &'n self,
+        checkout: impl FnOnce(&'n Pool) -> Result<Lease<'n>>,
+        op: impl FnOnce(Lease<'n>) -> Result<T>,
+    ) -> Result<T> {
         let permit = self.gate.admit()?;
-        let result = self.pool.checkout_until(deadline).and_then(op);
+        let result = checkout(&self.pool).and_then(op);
         permit.finish(&result);
         result
     }
