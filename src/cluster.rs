@@ -22,7 +22,7 @@ use crate::plans::{self, Capture};
 use crate::pool::manager::{Connected, Connector};
 use crate::rows::RowIter;
 use crate::settings::NodeOptions;
-use crate::settings::{ClusterConfig, ReadFallback};
+use crate::settings::{ClusterConfig, ReadFallback, Settings};
 use crate::shutdown::{InFlight, Lifecycle, ShutdownReport};
 use crate::ssl_status::{self, SslStatus};
 use crate::statements::{Call, Output, Params, StatementMode};
@@ -153,10 +153,9 @@ pub struct Cluster {
 pub(crate) struct Inner {
     nodes: Arc<Nodes>,
     balancer: Balancer,
-    max_replica_lag: Option<Duration>,
-    max_replica_lag_bytes: Option<u64>,
-    read_fallback: ReadFallback,
-    statement_mode: StatementMode,
+    /// What the builder set (the lag limits, the read fallback and the
+    /// statement mode are read here).
+    settings: Settings,
     pub(crate) hooks: Arc<Hooks>,
     plans: Option<Capture>,
     pub(crate) lifecycle: Lifecycle,
@@ -199,7 +198,7 @@ impl Cluster {
     pub(crate) fn start(config: ClusterConfig) -> Result<Cluster> {
         let watchdog = Arc::new(Watchdog::default());
         let options = NodeOptions {
-            settings: Arc::new(config.settings.clone()),
+            settings: &config.settings,
             hooks: Arc::clone(&config.hooks),
             watchdog: Arc::clone(&watchdog),
         };
@@ -257,12 +256,9 @@ impl Cluster {
         let inner = Arc::new(Inner {
             nodes: Arc::new(Nodes { primary, replicas }),
             balancer: Balancer::new(config.settings.read_balance),
-            max_replica_lag: config.settings.max_replica_lag,
-            max_replica_lag_bytes: config.settings.max_replica_lag_bytes,
-            read_fallback: config.settings.read_fallback,
-            statement_mode: config.settings.statement_mode,
             hooks: config.hooks,
             plans,
+            settings: config.settings,
             lifecycle: Lifecycle::default(),
             watchdog,
             stop: Mutex::new(Some(stop_tx)),
@@ -278,7 +274,7 @@ impl Cluster {
         probers.round(&inner.nodes, config.health_check_period, true, false);
         let settings = monitor::Settings {
             period: config.health_check_period,
-            leak_threshold: config.settings.leak_threshold,
+            leak_threshold: inner.settings.leak_threshold,
             idle_time,
         };
         let monitor = monitor::spawn(
@@ -354,7 +350,7 @@ impl Cluster {
 
     /// The statement mode of this handle.
     pub(crate) fn mode(&self) -> StatementMode {
-        self.mode.unwrap_or(self.inner.statement_mode)
+        self.mode.unwrap_or(self.inner.settings.statement_mode)
     }
 
     /// The deadline of a call starting now.
@@ -379,8 +375,11 @@ impl Cluster {
         let (bytes, time) = node.lag();
         let over = |value: Option<u64>, limit: Option<u64>| matches!((value, limit), (Some(v), Some(l)) if v > l);
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        !over(bytes, self.inner.max_replica_lag_bytes)
-            && !over(time.map(micros), self.inner.max_replica_lag.map(micros))
+        !over(bytes, self.inner.settings.max_replica_lag_bytes)
+            && !over(
+                time.map(micros),
+                self.inner.settings.max_replica_lag.map(micros),
+            )
     }
 
     /// The node for the next read: the next eligible replica other than
@@ -393,7 +392,7 @@ impl Cluster {
         let pick = self.inner.balancer.pick(replicas.len(), |i| {
             !not.is_some_and(|n| std::ptr::eq(n, &replicas[i])) && self.eligible(&replicas[i])
         });
-        match (pick, self.inner.read_fallback) {
+        match (pick, self.inner.settings.read_fallback) {
             (Some(i), _) => Ok(&replicas[i]),
             (None, ReadFallback::Primary) => Ok(&self.inner.nodes.primary),
             (None, ReadFallback::Error) => Err(Error::new(ErrorKind::NoEligibleReplica)
@@ -843,8 +842,8 @@ impl Cluster {
                 };
                 h.warnings = health::warnings(
                     &h,
-                    self.inner.max_replica_lag,
-                    self.inner.max_replica_lag_bytes,
+                    self.inner.settings.max_replica_lag,
+                    self.inner.settings.max_replica_lag_bytes,
                 );
                 h
             })

@@ -83,7 +83,7 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    pub(crate) fn open(config: NodeConfig, options: &NodeOptions) -> Node {
+    pub(crate) fn open(config: NodeConfig, options: &NodeOptions<'_>) -> Node {
         let NodeConfig {
             info,
             pg,

@@ -150,10 +150,11 @@ pub(crate) struct ClusterConfig {
     pub(crate) settings: Settings,
 }
 
-/// Cluster-wide settings every node uses.
+/// What every node is opened with, beside its own [`NodeConfig`]: the
+/// cluster's settings (read at open, not kept), hooks and watchdog.
 #[derive(Debug, Clone)]
-pub(crate) struct NodeOptions {
-    pub(crate) settings: Arc<Settings>,
+pub(crate) struct NodeOptions<'a> {
+    pub(crate) settings: &'a Settings,
     pub(crate) hooks: Arc<Hooks>,
     pub(crate) watchdog: Arc<Watchdog>,
 }

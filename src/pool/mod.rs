@@ -189,7 +189,7 @@ impl Pool {
         info: &NodeInfo,
         connector: Arc<Connector>,
         pool: &PoolConfig,
-        options: &NodeOptions,
+        options: &NodeOptions<'_>,
     ) -> Pool {
         let shared = PoolShared::new(info.clone(), Arc::clone(&options.hooks));
         let manager = Manager::new(
