@@ -655,10 +655,8 @@ impl Cluster {
             |n: &u64| Some(*n),
             |node, deadline| {
                 let mut failed = None;
-                let result = node.call(deadline, |mut lease| {
-                    node.bounded(&mut lease, deadline, |conn| {
-                        crate::copy::copy_in(conn, sql, &mut data, &mut failed)
-                    })
+                let result = node.call_bounded(deadline, |conn| {
+                    crate::copy::copy_in(conn, sql, &mut data, &mut failed)
                 });
                 crate::copy::outcome(result, failed, &node.info, "reading the data")
             },
@@ -686,10 +684,8 @@ impl Cluster {
             |_: &u64| None,
             |node, deadline| {
                 let mut failed = None;
-                let result = node.call(deadline, |mut lease| {
-                    node.bounded(&mut lease, deadline, |conn| {
-                        crate::copy::copy_out(conn, sql, &mut out, &mut failed)
-                    })
+                let result = node.call_bounded(deadline, |conn| {
+                    crate::copy::copy_out(conn, sql, &mut out, &mut failed)
                 });
                 crate::copy::outcome(result, failed, &node.info, "writing the output")
             },
@@ -710,11 +706,7 @@ impl Cluster {
             sql,
             &[],
             |_| None,
-            |node, deadline| {
-                node.call(deadline, |mut lease| {
-                    node.bounded(&mut lease, deadline, |c| c.batch_execute(sql))
-                })
-            },
+            |node, deadline| node.call_bounded(deadline, |c| c.batch_execute(sql)),
         )
     }
 

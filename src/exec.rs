@@ -32,6 +32,17 @@ impl Node {
         self.call_with(|pool| pool.checkout_until(deadline), op)
     }
 
+    /// [`call`](Self::call) whose op is `op` on the connection, bounded by
+    /// the same deadline ([`bounded`](Self::bounded)): one driver call.
+    #[inline]
+    pub(crate) fn call_bounded<T>(
+        &self,
+        deadline: Option<Instant>,
+        op: impl FnOnce(&mut Conn) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        self.call(deadline, |mut lease| self.bounded(&mut lease, deadline, op))
+    }
+
     /// [`call`](Self::call) with a checkout of the caller's (the health
     /// check's is bounded by its own timeout, not a deadline).
     #[inline]
@@ -88,12 +99,7 @@ impl Node {
         let result = f(&mut conn.client);
         if armed.is_some_and(Armed::disarm) {
             conn.broken = true;
-            return result.map_err(|_| {
-                Error::new(ErrorKind::Timeout)
-                    .with_node(&self.info)
-                    .with_detail("deadline passed; the statement was cancelled on the server")
-                    .into()
-            });
+            return result.map_err(|_| self.timed_out().into());
         }
         if conn.client.is_closed() {
             conn.broken = true;
@@ -148,10 +154,16 @@ impl Node {
     #[cold]
     #[inline(never)]
     fn cancelled(&self, err: postgres::Error) -> Error {
+        self.timed_out().with_source(err)
+    }
+
+    /// `Timeout`: the watchdog cancelled the statement at its deadline.
+    #[cold]
+    #[inline(never)]
+    fn timed_out(&self) -> Error {
         Error::new(ErrorKind::Timeout)
             .with_node(&self.info)
             .with_detail("deadline passed; the statement was cancelled on the server")
-            .with_source(err)
     }
 
     /// Runs one parameterised statement on a checked-out connection,

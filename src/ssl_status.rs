@@ -61,8 +61,6 @@ pub(crate) fn pooled_ssl_status(
     node: &Node,
     deadline: Option<std::time::Instant>,
 ) -> Result<SslStatus> {
-    let row = node.call(deadline, |mut lease| {
-        node.bounded(&mut lease, deadline, |c| c.query_one(SSL_STATUS_SQL, &[]))
-    })?;
+    let row = node.call_bounded(deadline, |c| c.query_one(SSL_STATUS_SQL, &[]))?;
     Ok(SslStatus::from_row(&node.info, &row))
 }

@@ -80,17 +80,15 @@ fn explain(nodes: &Nodes, worker: &Worker, job: Job) {
         .iter()
         .map(|p| p as &(dyn ToSql + Sync))
         .collect();
-    let result = node.call(None, |mut lease| {
-        node.bounded(&mut lease, None, |client| {
-            if analyze {
-                let mut tx = client.build_transaction().read_only(true).start()?;
-                let plan = fetch_plan(&mut tx, &explain_sql, &job.types, &params);
-                tx.rollback()?;
-                plan
-            } else {
-                fetch_plan(&mut **client, &explain_sql, &job.types, &params)
-            }
-        })
+    let result = node.call_bounded(None, |client| {
+        if analyze {
+            let mut tx = client.build_transaction().read_only(true).start()?;
+            let plan = fetch_plan(&mut tx, &explain_sql, &job.types, &params);
+            tx.rollback()?;
+            plan
+        } else {
+            fetch_plan(&mut **client, &explain_sql, &job.types, &params)
+        }
     });
     match result {
         Ok(json) => {
