@@ -3,6 +3,7 @@
 //! operation counted in flight (for graceful shutdown), wrapped in the hooks
 //! and bounded by its deadline.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use crate::ssl_status::{self, SslStatus};
 use crate::statements::{Call, Output, Params, StatementMode};
 use crate::stats::ClusterStats;
 use crate::sync::lock;
+use crate::topology;
 
 /// A probe connection to `node` (see `Cluster::start`), checked for
 /// encryption when `require_tls`.
@@ -170,7 +172,7 @@ impl Inner {
         self.plans.as_ref()
     }
 
-    /// The primary, then the replicas.
+    /// Every node, in the order they were configured.
     pub(crate) fn nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.nodes()
     }
@@ -184,10 +186,9 @@ impl Inner {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let replicas: Vec<_> = self.inner.nodes.replicas.iter().map(|r| &r.info).collect();
+        let nodes: Vec<_> = self.inner.nodes().map(|n| &n.info).collect();
         f.debug_struct("Cluster")
-            .field("primary", &self.inner.nodes.primary.info)
-            .field("replicas", &replicas)
+            .field("nodes", &nodes)
             .field("timeout", &self.timeout)
             .field("statement_mode", &self.mode())
             .finish()
@@ -202,16 +203,17 @@ impl Cluster {
             hooks: Arc::clone(&config.hooks),
             watchdog: Arc::clone(&watchdog),
         };
-        let idle_time = std::iter::once(&config.primary)
-            .chain(&config.replicas)
+        let idle_time = config
+            .nodes
+            .iter()
             .map(|n| n.pool.max_conn_idle_time)
             .min()
             .unwrap_or(Duration::MAX);
-        let primary = Node::open(config.primary, &options);
-        let replicas: Vec<Node> = config
-            .replicas
+        let configured_primary = config.primary;
+        let nodes: Vec<Node> = config
+            .nodes
             .into_iter()
-            .map(|r| Node::open(r, &options))
+            .map(|n| Node::open(n, &options))
             .collect();
 
         // A probe connection to each node, all at once, each on a thread of
@@ -219,30 +221,46 @@ impl Cluster {
         // too, which a node that accepts and never answers would hold
         // forever: see Connector::connect), and with require_tls
         // checked for encryption. The round below probes them, so the first
-        // health() is current; the monitor keeps them for its rounds.
+        // health() is current and the roles are known; the monitor keeps
+        // them for its rounds. The configured primary must answer (unless
+        // lazy_connect, which skips it); without one, some node must.
         let require_tls = config.settings.require_tls;
-        let check = |node: &Node| ConnectionCheck::start(node, require_tls);
-        let replica_checks: Vec<_> = replicas.iter().map(check).collect();
-        let primary_check = (!config.settings.lazy_connect).then(|| check(&primary).wait());
-        let replica_checks: Vec<Result<Connected>> = replica_checks
-            .into_iter()
-            .map(ConnectionCheck::wait)
+        let lazy = config.settings.lazy_connect;
+        let checks: Vec<Option<ConnectionCheck>> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                (!(lazy && configured_primary == Some(i)))
+                    .then(|| ConnectionCheck::start(node, require_tls))
+            })
             .collect();
-        let mut probes = vec![match primary_check {
-            Some(Err(e)) => return Err(e),
-            Some(Ok(client)) => Some(client),
-            None => None,
-        }];
-        for (replica, result) in replicas.iter().zip(replica_checks) {
+        let results: Vec<Option<Result<Connected>>> = checks
+            .into_iter()
+            .map(|check| check.map(ConnectionCheck::wait))
+            .collect();
+        let mut probes = Vec::with_capacity(nodes.len());
+        let mut first_error = None;
+        for (i, (node, result)) in nodes.iter().zip(results).enumerate() {
             probes.push(match result {
-                Ok(client) => Some(client),
-                Err(e) if e.kind() == ErrorKind::Config => return Err(e),
-                Err(e) => {
-                    monitor::record_unreachable(replica, &e);
+                None => None,
+                Some(Ok(client)) => Some(client),
+                Some(Err(e)) if e.kind() == ErrorKind::Config => return Err(e),
+                Some(Err(e)) if configured_primary == Some(i) => return Err(e),
+                Some(Err(e)) => {
+                    monitor::record_unreachable(node, &e);
                     log::warn!("{e}; it gets no reads until a health probe reaches it");
+                    first_error.get_or_insert(e);
                     None
                 }
             });
+        }
+        if let Some(e) = first_error
+            .filter(|_| !lazy && configured_primary.is_none() && probes.iter().all(Option::is_none))
+        {
+            return Err(e.context(&format!(
+                "none of the {} nodes could be reached; the first",
+                nodes.len()
+            )));
         }
 
         let (plans, plan_jobs) = match &config.settings.plan_capture {
@@ -253,8 +271,14 @@ impl Cluster {
             None => (None, None),
         };
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let (nudge, nudges) = crossbeam_channel::bounded::<()>(1);
         let inner = Arc::new(Inner {
-            nodes: Arc::new(Nodes { primary, replicas }),
+            nodes: Arc::new(Nodes {
+                nodes,
+                primary: AtomicUsize::new(configured_primary.unwrap_or(topology::NO_PRIMARY)),
+                decisions: Mutex::default(),
+                nudge,
+            }),
             balancer: Balancer::new(config.settings.read_balance),
             hooks: config.hooks,
             plans,
@@ -272,6 +296,12 @@ impl Cluster {
         let mut probers = monitor::Probers::start(&inner.nodes, probes)
             .map_err(|e| thread_error("health probe", e))?;
         probers.round(&inner.nodes, config.health_check_period, true, false);
+        if inner.nodes.primary().is_none() {
+            log::warn!(
+                "no node is primary (none answered as one): writes fail with NoPrimary \
+                 until a health probe finds one"
+            );
+        }
         let settings = monitor::Settings {
             period: config.health_check_period,
             leak_threshold: inner.settings.leak_threshold,
@@ -280,7 +310,10 @@ impl Cluster {
         let monitor = monitor::spawn(
             Arc::downgrade(&inner.nodes),
             settings,
-            stop_rx.clone(),
+            monitor::Wakers {
+                stop: stop_rx.clone(),
+                nudges,
+            },
             probers,
         )
         .map_err(|e| thread_error("health monitor", e))?;
@@ -362,14 +395,44 @@ impl Cluster {
         self.inner.lifecycle.enter()
     }
 
-    pub(crate) fn primary(&self) -> &Node {
-        &self.inner.nodes.primary
+    /// The node writes go to now; when no node is known to be primary,
+    /// [`ErrorKind::NoPrimary`] (and the monitor is asked to look again).
+    #[inline]
+    pub(crate) fn primary(&self) -> Result<&Node> {
+        match self.inner.nodes.primary() {
+            Some(node) => Ok(node),
+            None => Err(self.no_primary()),
+        }
     }
 
-    /// Whether a replica may take reads now: up, breaker allowing a call,
-    /// lag within the limits.
+    #[cold]
+    #[inline(never)]
+    fn no_primary(&self) -> Error {
+        self.inner.nodes.nudge();
+        let seen: Vec<String> = self
+            .inner
+            .nodes()
+            .map(|n| {
+                let state = match (n.is_up(), n.in_recovery()) {
+                    (false, _) => "down",
+                    (true, Some(true)) => "in recovery",
+                    (true, Some(false)) => "not in recovery",
+                    (true, None) => "not probed yet",
+                };
+                format!("{} {state}", n.info.name())
+            })
+            .collect();
+        Error::new(ErrorKind::NoPrimary).with_detail(format!(
+            "no node answers as primary ({}); the health monitor is looking",
+            seen.join(", ")
+        ))
+    }
+
+    /// Whether a replica may take reads now: up, in recovery (as far as
+    /// known: a node that claims to be primary but is not the one writes
+    /// go to gets no reads), breaker allowing a call, lag within the limits.
     fn eligible(&self, node: &Node) -> bool {
-        if !node.is_up() || !node.gate.allows() {
+        if !node.is_up() || !node.gate.allows() || node.in_recovery() == Some(false) {
             return false;
         }
         let (bytes, time) = node.lag();
@@ -385,20 +448,32 @@ impl Cluster {
     /// The node for the next read: the next eligible replica other than
     /// `not`, else the fallback (the primary, or an error).
     pub(crate) fn reader(&self, not: Option<&Node>) -> Result<&Node> {
-        let replicas = &self.inner.nodes.replicas;
-        if replicas.is_empty() {
-            return Ok(&self.inner.nodes.primary);
-        }
-        let pick = self.inner.balancer.pick(replicas.len(), |i| {
-            !not.is_some_and(|n| std::ptr::eq(n, &replicas[i])) && self.eligible(&replicas[i])
+        let nodes = &self.inner.nodes.nodes;
+        let pick = self.inner.balancer.pick(nodes.len(), |i| {
+            let node = &nodes[i];
+            node.info.role() == Role::Replica
+                && !not.is_some_and(|n| std::ptr::eq(n, node))
+                && self.eligible(node)
         });
         match (pick, self.inner.settings.read_fallback) {
-            (Some(i), _) => Ok(&replicas[i]),
-            (None, ReadFallback::Primary) => Ok(&self.inner.nodes.primary),
+            (Some(i), _) => Ok(&nodes[i]),
+            (None, ReadFallback::Primary) => match self.inner.nodes.primary() {
+                Some(node) => Ok(node),
+                None => {
+                    self.inner.nodes.nudge();
+                    Err(Error::new(ErrorKind::NoEligibleReplica).with_detail(
+                        "no replica is eligible for reads, and no node is known to be \
+                         primary to fall back to",
+                    ))
+                }
+            },
             (None, ReadFallback::Error) => Err(Error::new(ErrorKind::NoEligibleReplica)
                 .with_detail(format!(
                     "none of {} replicas is up, allowed by its breaker and within the lag limit",
-                    replicas.len()
+                    nodes
+                        .iter()
+                        .filter(|n| n.info.role() == Role::Replica)
+                        .count()
                 ))),
         }
     }
@@ -415,7 +490,10 @@ impl Cluster {
     ) -> Result<T> {
         let _in_flight = self.enter()?;
         let deadline = self.deadline();
-        let node = self.primary();
+        let node = match self.primary() {
+            Ok(node) => node,
+            Err(e) => return self.without_primary(kind, sql, params, rows, e),
+        };
         let what = Op {
             kind,
             route: Role::Primary,
@@ -423,9 +501,75 @@ impl Cluster {
             sql,
             params,
         };
-        hooks::around(&self.inner.hooks, what, rows, hooks::itself, || {
+        let result = hooks::around(&self.inner.hooks, what, rows, hooks::itself, || {
             op(node, deadline)
-        })
+        });
+        self.after_write(node, &result, false);
+        result
+    }
+
+    /// A call for the primary while none is known: its `NoPrimary` error,
+    /// shown to the operation hooks (and so the metrics) as a call on the
+    /// node that was primary last (the first node if none was).
+    #[cold]
+    #[inline(never)]
+    fn without_primary<T>(
+        &self,
+        kind: OperationKind,
+        sql: &str,
+        params: Params<'_>,
+        rows: impl Fn(&T) -> Option<u64>,
+        e: Error,
+    ) -> Result<T> {
+        let nodes = &self.inner.nodes.nodes;
+        let Some(last) = nodes
+            .iter()
+            .find(|n| n.info.role() == Role::Primary)
+            .or(nodes.first())
+        else {
+            return Err(e);
+        };
+        let what = Op {
+            kind,
+            route: Role::Primary,
+            node: &last.info,
+            sql,
+            params,
+        };
+        hooks::around(&self.inner.hooks, what, rows, hooks::itself, || Err(e))
+    }
+
+    /// When a call on the primary failed in a way that may mean a
+    /// failover, asks the monitor to look at once; when the server
+    /// refused a write as read-only (25006) outside a transaction the
+    /// caller made read-only, it is in recovery now (demoted): it takes no
+    /// more writes until a probe finds it primary again, so each writer
+    /// sends at most its call in flight to it.
+    #[inline]
+    pub(crate) fn after_write<T>(&self, node: &Node, result: &Result<T>, read_only: bool) {
+        if let Err(e) = result {
+            if e.suggests_failover() {
+                self.refused_write(node, e, read_only);
+            }
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn refused_write(&self, node: &Node, e: &Error, read_only: bool) {
+        let nodes = &*self.inner.nodes;
+        if !read_only && e.code() == Some(&postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) {
+            let is_primary = nodes.primary().is_some_and(|p| std::ptr::eq(p, node));
+            if is_primary {
+                log::warn!(
+                    "{} refused a write as read-only: taking it out of writes",
+                    node.info
+                );
+                node.set_replication(Some(true), None, None);
+                nodes.decide();
+            }
+        }
+        nodes.nudge();
     }
 
     /// A read on the next eligible node; if that fails at the connection
@@ -734,7 +878,7 @@ impl Cluster {
         &self,
         f: impl FnOnce(&mut postgres::Client) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        self.lend(Role::Primary, self.primary(), f)
+        self.lend(Role::Primary, self.primary()?, f)
     }
 
     /// A snapshot of every node's pool. Takes each pool's lock briefly; the
@@ -751,6 +895,7 @@ impl Cluster {
     pub fn stats(&self) -> ClusterStats {
         ClusterStats {
             nodes: self.inner.nodes().map(Node::stats).collect(),
+            primary: self.inner.nodes.primary_index(),
         }
     }
 
@@ -784,9 +929,9 @@ impl Cluster {
 
     fn ping_primary(&self, timeout: Duration) -> Result<()> {
         let _in_flight = self.enter()?;
-        let node = self.primary();
+        let node = self.primary()?;
         let started = Instant::now();
-        node.call_with(
+        let result = node.call_with(
             |pool| pool.checkout_within(timeout),
             |mut conn| {
                 let left = timeout
@@ -795,7 +940,9 @@ impl Cluster {
                 let result = conn.client.is_valid(left);
                 result.map_err(|e| node.failed(&mut conn, e))
             },
-        )
+        );
+        self.after_write(node, &result, false);
+        result
     }
 
     /// The cluster's health as the monitor last saw it, with live pool
@@ -820,6 +967,7 @@ impl Cluster {
                     node: stats.node,
                     up: stats.up,
                     in_recovery: probe.in_recovery,
+                    timeline: node.timeline().filter(|_| probe.in_recovery == Some(false)),
                     breaker: stats.breaker,
                     breaker_retry_in: (stats.breaker == crate::BreakerState::Open)
                         .then(|| node.gate.retry_after()),
@@ -840,12 +988,13 @@ impl Cluster {
                 h
             })
             .collect();
-        HealthReport::new(nodes)
+        let primary = self.inner.nodes.primary_index();
+        HealthReport::new(nodes, primary)
     }
 
     /// Whether each node's connections are encrypted, with protocol and
     /// cipher, from `pg_stat_ssl` for a pooled connection's own backend.
-    /// One entry per node, the primary first; a node that cannot be reached
+    /// One entry per node, in the order they were configured; a node that cannot be reached
     /// gives its error. Blocks for one checkout and round trip per node.
     ///
     /// ```no_run

@@ -50,6 +50,8 @@ use crate::tls;
 pub struct ClusterBuilder {
     pub(crate) primary: Option<String>,
     pub(crate) replicas: Vec<String>,
+    /// Nodes given without a role (`node`, `nodes`).
+    pub(crate) nodes: Vec<String>,
     pub(crate) pool: PoolOverrides,
     /// Every other option, as the cluster will use it.
     settings: Settings,
@@ -69,6 +71,10 @@ impl fmt::Debug for ClusterBuilder {
                     .iter()
                     .map(|d| redact_dsn(d))
                     .collect::<Vec<_>>(),
+            )
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|d| redact_dsn(d)).collect::<Vec<_>>(),
             )
             .field("pool", &self.pool)
             .field("settings", &self.settings)
@@ -128,7 +134,15 @@ impl Cluster {
 }
 
 impl ClusterBuilder {
-    /// The primary's DSN (URL or key=value). Required.
+    /// The primary's DSN (URL or key=value). Required, unless the nodes are
+    /// given with [`nodes`](Self::nodes).
+    ///
+    /// It is the primary the cluster starts with: the health probes then
+    /// follow the servers' own roles (a replica promoted takes the writes,
+    /// see [`nodes`](Self::nodes)). A DSN that lists several hosts
+    /// (`postgres://db1,db2,db3/app`, `host=db1,db2`) gives one node per
+    /// host, named `primary-1`, `primary-2`, ..., whose roles are learnt
+    /// at `build()`.
     ///
     /// ```
     /// let builder = pgxkit::Cluster::builder()
@@ -151,6 +165,43 @@ impl ClusterBuilder {
     /// ```
     pub fn replica(mut self, dsn: impl Into<String>) -> Self {
         self.replicas.push(dsn.into());
+        self
+    }
+
+    /// Adds a node without saying which role it has: the cluster learns
+    /// each node's role from the server (`pg_is_in_recovery()`), at
+    /// `build()` and at every health probe. Nodes are named `node1`,
+    /// `node2`, ... in the order given (`node1-1`, `node1-2`, ... for the
+    /// hosts of a multi-host DSN). Mixes with [`primary`](Self::primary)
+    /// and [`replica`](Self::replica): roles are learnt the same way for all.
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .node("postgres://app@db1/app")
+    ///     .node("postgres://app@db2/app");
+    /// ```
+    pub fn node(mut self, dsn: impl Into<String>) -> Self {
+        self.nodes.push(dsn.into());
+        self
+    }
+
+    /// Adds every DSN of `dsns` as a [`node`](Self::node): the way to
+    /// configure a cluster run by an HA manager such as Patroni, where
+    /// any node may be the primary. The node not in recovery takes the
+    /// writes (on the newest timeline, should two claim it); the others
+    /// serve reads. `build()` needs one of them to answer (unless
+    /// [`lazy_connect`](Self::lazy_connect)).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .nodes(["postgres://app@db1/app", "postgres://app@db2/app", "postgres://app@db3/app"]);
+    /// ```
+    pub fn nodes<I>(mut self, dsns: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.nodes.extend(dsns.into_iter().map(Into::into));
         self
     }
 
@@ -318,8 +369,11 @@ impl ClusterBuilder {
     }
 
     /// When `true`, `build()` does not connect to the primary first, so it
-    /// succeeds while the primary is down. Defaults to `false`: an
-    /// unreachable primary fails `build()`. Unreachable replicas never do.
+    /// succeeds while the primary is down (and, with a node list, while
+    /// every node is). Defaults to `false`: an unreachable primary fails
+    /// `build()` (with a node list: no node answering). Unreachable
+    /// replicas never do. With a node list, writes fail with `NoPrimary`
+    /// until a probe finds the primary (each such write asks for one).
     ///
     /// ```
     /// let builder = pgxkit::Cluster::builder()
@@ -619,6 +673,26 @@ impl ClusterBuilder {
         self
     }
 
+    /// Runs `hook` when a node's role changes: a replica promoted (by an
+    /// HA manager, or by hand), a primary that stopped answering and came
+    /// back in recovery, a primary displaced by one on a newer timeline.
+    /// The change is also logged at `warn`. See the README's "Failover".
+    ///
+    /// ```
+    /// use pgxkit::Role;
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .nodes(["postgres://app@db1/app", "postgres://app@db2/app"])
+    ///     .on_role_change(|ev| {
+    ///         if let Some((_, Role::Primary)) = ev.role_change() {
+    ///             log::warn!("{} is the primary now", ev.node());
+    ///         }
+    ///     });
+    /// ```
+    pub fn on_role_change(mut self, hook: impl Fn(&NodeEvent<'_>) + Send + Sync + 'static) -> Self {
+        self.hooks.on_role_change.push(Arc::new(hook));
+        self
+    }
+
     /// Whether hooks (and the ready-made slow-query log) may see statement
     /// parameters as text. They may hold personal data. Defaults to `false`:
     /// hooks see only the count.
@@ -819,39 +893,58 @@ impl ClusterBuilder {
     }
 
     pub(crate) fn resolve(&self) -> Result<(ClusterConfig, Option<Metrics>)> {
-        let primary_dsn = self
-            .primary
-            .as_deref()
-            .ok_or_else(|| Error::config("primary: no primary DSN given (call .primary(dsn))"))?;
+        if self.primary.is_none() && self.nodes.is_empty() {
+            return Err(Error::config(
+                "primary: no primary DSN given (call .primary(dsn), or .nodes([...]))",
+            ));
+        }
         let mut connectors = tls::Connectors::default();
-        let primary = self
-            .node(
-                "primary".to_owned(),
-                Role::Primary,
-                primary_dsn,
-                &mut connectors,
-            )
-            .map_err(|e| e.context("primary DSN"))?;
-        let replicas = self
-            .replicas
-            .iter()
-            .enumerate()
-            .map(|(i, dsn)| {
-                let name = format!("replica{}", i + 1);
-                self.node(name.clone(), Role::Replica, dsn, &mut connectors)
-                    .map_err(|e| e.context(&format!("{name} DSN")))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut nodes = Vec::new();
+        let mut primary = None;
+        let mut add = |name: String, role: Role, dsn: &str, nodes: &mut Vec<NodeConfig>| {
+            let hosts = Dsn::parse_each_host(dsn).map_err(|e| e.context(&format!("{name} DSN")))?;
+            let several = hosts.len() > 1;
+            for (i, parsed) in hosts.into_iter().enumerate() {
+                let name = if several {
+                    format!("{name}-{}", i + 1)
+                } else {
+                    name.clone()
+                };
+                let node = self
+                    .node_config(name.clone(), role, parsed, &mut connectors)
+                    .map_err(|e| e.context(&format!("{name} DSN")))?;
+                nodes.push(node);
+            }
+            Ok::<bool, Error>(several)
+        };
+        if let Some(dsn) = &self.primary {
+            if !add("primary".to_owned(), Role::Primary, dsn, &mut nodes)? {
+                primary = Some(0);
+            }
+        }
+        for (i, dsn) in self.replicas.iter().enumerate() {
+            add(format!("replica{}", i + 1), Role::Replica, dsn, &mut nodes)?;
+        }
+        for (i, dsn) in self.nodes.iter().enumerate() {
+            add(format!("node{}", i + 1), Role::Replica, dsn, &mut nodes)?;
+        }
+        // Of the nodes from a multi-host primary DSN, none is primary before
+        // a probe says so.
+        if primary.is_none() {
+            for node in &nodes {
+                node.info.set_role(Role::Replica);
+            }
+        }
         self.check_bounds()?;
         let health_check_period = self
             .pool
             .health_check_period
-            .or(primary.health_check_period)
+            .or(nodes.first().and_then(|n| n.health_check_period))
             .unwrap_or(defaults::HEALTH_CHECK_PERIOD);
         let (hooks, metrics) = self.resolve_hooks()?;
         let config = ClusterConfig {
+            nodes,
             primary,
-            replicas,
             health_check_period,
             hooks: Arc::new(hooks),
             settings: self.settings.clone(),
@@ -930,14 +1023,13 @@ impl ClusterBuilder {
         Ok((hooks, None))
     }
 
-    fn node(
+    fn node_config(
         &self,
         name: String,
         role: Role,
-        dsn: &str,
+        mut parsed: Dsn,
         connectors: &mut tls::Connectors,
     ) -> Result<NodeConfig> {
-        let mut parsed = Dsn::parse(dsn)?;
         if parsed.pg.get_password().is_none() {
             password_from_file(&mut parsed);
         }

@@ -228,46 +228,119 @@ const UNSUPPORTED_KEYS: &[&str] = &[
 impl Dsn {
     /// Parses a DSN in URL or key=value form. An error names the key (or
     /// the position of what could not be read) and never repeats DSN text.
+    #[cfg(test)]
     pub(crate) fn parse(dsn: &str) -> Result<Dsn> {
-        let (pairs, first_query) = split(dsn.trim())?;
+        let (driver, own) = parts(dsn)?;
+        Dsn::from_parts(&driver, own)
+    }
+
+    /// Parses a DSN as [`parse`](Self::parse) does, into one `Dsn` per
+    /// host it lists (`host=a,b` or `postgres://a,b/db`), each with that
+    /// host's port and address and everything else the DSN says, without
+    /// `target_session_attrs` and `load_balance_hosts`: each becomes a node
+    /// of its own, whose role the cluster learns.
+    pub(crate) fn parse_each_host(dsn: &str) -> Result<Vec<Dsn>> {
+        let (driver, own) = parts(dsn)?;
+        let list = |key: &str| -> Vec<String> {
+            driver
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.split(',').map(str::to_owned).collect())
+                .unwrap_or_default()
+        };
+        let (hosts, addrs, ports) = (list("host"), list("hostaddr"), list("port"));
+        let n = hosts.len().max(addrs.len());
+        if n <= 1 {
+            return Ok(vec![Dsn::from_parts(&driver, own)?]);
+        }
+        if !hosts.is_empty() && !addrs.is_empty() && hosts.len() != addrs.len() {
+            return Err(Error::config(format!(
+                "hostaddr: {} addresses for {} hosts (give one per host)",
+                addrs.len(),
+                hosts.len()
+            )));
+        }
+        if ports.len() > 1 && ports.len() != n {
+            return Err(Error::config(format!(
+                "port: {} ports for {n} hosts (give one, or one per host)",
+                ports.len()
+            )));
+        }
+        (0..n)
+            .map(|i| {
+                let mut one: Vec<(&'static str, String)> = driver
+                    .iter()
+                    .filter(|(k, _)| {
+                        !matches!(
+                            *k,
+                            "host"
+                                | "hostaddr"
+                                | "port"
+                                | "target_session_attrs"
+                                | "load_balance_hosts"
+                        )
+                    })
+                    .cloned()
+                    .collect();
+                for (key, values) in [("host", &hosts), ("hostaddr", &addrs)] {
+                    if let Some(v) = values.get(i) {
+                        one.push((key, v.clone()));
+                    }
+                }
+                if let Some(port) = ports.get(i).or(ports.first()) {
+                    one.push(("port", port.clone()));
+                }
+                Dsn::from_parts(&one, own.clone())
+            })
+            .collect()
+    }
+
+    fn from_parts(driver: &[(&'static str, String)], own: Own) -> Result<Dsn> {
         let mut out = Dsn {
-            pg: postgres::Config::new(),
+            pg: driver_config(driver)?,
             pool: PoolOverrides::default(),
             tls: TlsSettings::default(),
             passfile: None,
         };
-        // libpq: a key given twice takes its last value.
-        let mut driver: Vec<(&'static str, String)> = Vec::new();
-        let mut own = Own::default();
-        for (index, (key, value)) in pairs.into_iter().enumerate() {
-            if let Some(&(name, own_key)) = OWN_KEYS.iter().find(|(k, _)| *k == key) {
-                own.set(name, own_key, value);
-            } else if let Some(&(driver_key, _)) = DRIVER_KEYS.iter().find(|(k, _)| *k == key) {
-                if driver_key == "host" && !plain_hosts(&value) {
-                    return Err(Error::config(
-                        "host: not a host name, IP address or socket directory \
-                         (is a quote misplaced?)",
-                    ));
-                }
-                driver.retain(|(k, _)| *k != driver_key);
-                driver.push((driver_key, value));
-            } else if let Some(unsupported) = UNSUPPORTED_KEYS.iter().find(|k| **k == key) {
-                return Err(Error::config(format!(
-                    "{unsupported}: a libpq key that pgxkit does not support"
-                )));
-            } else {
-                let place = match first_query {
-                    Some(first) => format!("query parameter {}", index.saturating_sub(first) + 1),
-                    None => format!("parameter {}", index + 1),
-                };
-                return Err(unknown_key(&place, &key));
-            }
-        }
-        out.pg = driver_config(&driver)?;
         own.apply(&mut out)?;
         Ok(out)
     }
+}
 
+/// A DSN's keys: the driver's (each once, its last value) and pgxkit's own.
+fn parts(dsn: &str) -> Result<(Vec<(&'static str, String)>, Own)> {
+    let (pairs, first_query) = split(dsn.trim())?;
+    // libpq: a key given twice takes its last value.
+    let mut driver: Vec<(&'static str, String)> = Vec::new();
+    let mut own = Own::default();
+    for (index, (key, value)) in pairs.into_iter().enumerate() {
+        if let Some(&(name, own_key)) = OWN_KEYS.iter().find(|(k, _)| *k == key) {
+            own.set(name, own_key, value);
+        } else if let Some(&(driver_key, _)) = DRIVER_KEYS.iter().find(|(k, _)| *k == key) {
+            if driver_key == "host" && !plain_hosts(&value) {
+                return Err(Error::config(
+                    "host: not a host name, IP address or socket directory \
+                         (is a quote misplaced?)",
+                ));
+            }
+            driver.retain(|(k, _)| *k != driver_key);
+            driver.push((driver_key, value));
+        } else if let Some(unsupported) = UNSUPPORTED_KEYS.iter().find(|k| **k == key) {
+            return Err(Error::config(format!(
+                "{unsupported}: a libpq key that pgxkit does not support"
+            )));
+        } else {
+            let place = match first_query {
+                Some(first) => format!("query parameter {}", index.saturating_sub(first) + 1),
+                None => format!("parameter {}", index + 1),
+            };
+            return Err(unknown_key(&place, &key));
+        }
+    }
+    Ok((driver, own))
+}
+
+impl Dsn {
     /// `host:port` of the first host, for naming the node.
     pub(crate) fn address(&self) -> String {
         use postgres::config::Host;
@@ -303,7 +376,7 @@ fn plain_hosts(value: &str) -> bool {
 
 /// The values of pgxkit's own keys, applied after the driver's (the last
 /// of each wins).
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Own(Vec<(&'static str, OwnKey, String)>);
 
 impl Own {

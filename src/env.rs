@@ -71,6 +71,7 @@ impl ClusterBuilder {
     /// | `POSTGRES_MAX_CONN_LIFETIME` | [`max_conn_lifetime`](Self::max_conn_lifetime), e.g. `1h` | `1h` |
     /// | `POSTGRES_MAX_CONN_IDLE_TIME` | [`max_conn_idle_time`](Self::max_conn_idle_time), e.g. `30m` | `30m` |
     /// | `POSTGRES_HEALTH_CHECK_PERIOD` | [`health_check_period`](Self::health_check_period), e.g. `1m` | `10s` |
+    /// | `POSTGRES_NODES` | every node, `host[:port],...`, roles learnt from the servers (see [`nodes`](Self::nodes)); instead of `POSTGRES_HOST` | none |
     /// | `POSTGRES_REPLICA_HOSTS` | replicas, `host[:port],...` | none |
     /// | `POSTGRES_READ_USER`, `POSTGRES_READ_PASSWORD` | replicas' credentials | the primary's |
     ///
@@ -104,12 +105,36 @@ impl ClusterBuilder {
 pub(crate) fn builder_from_env(lookup: &dyn Fn(&str) -> Option<String>) -> Result<ClusterBuilder> {
     let env = Env(lookup);
     let conn = Connection::read(&env)?;
-    let mut builder = ClusterBuilder::default().primary(conn.dsn(
-        &conn.host,
-        conn.port,
-        &conn.user,
-        conn.password.as_deref(),
-    ));
+    let mut builder = ClusterBuilder::default();
+    match env.get("POSTGRES_NODES") {
+        Some(_) if env.get("POSTGRES_HOST").is_some() => {
+            return Err(Error::config(
+                "POSTGRES_NODES: set together with POSTGRES_HOST; give the nodes one way",
+            ));
+        }
+        Some(hosts) => {
+            for spec in hosts.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let (host, port) = split_host("POSTGRES_NODES", spec)?;
+                builder = builder.node(conn.dsn(
+                    host,
+                    port.unwrap_or(conn.port),
+                    &conn.user,
+                    conn.password.as_deref(),
+                ));
+            }
+            if builder.nodes.is_empty() {
+                return Err(Error::config("POSTGRES_NODES: no host in the list"));
+            }
+        }
+        None => {
+            builder = builder.primary(conn.dsn(
+                &conn.host,
+                conn.port,
+                &conn.user,
+                conn.password.as_deref(),
+            ));
+        }
+    }
     let read_user = env
         .get("POSTGRES_READ_USER")
         .unwrap_or_else(|| conn.user.clone());
@@ -118,7 +143,7 @@ pub(crate) fn builder_from_env(lookup: &dyn Fn(&str) -> Option<String>) -> Resul
         .or_else(|| conn.password.clone());
     if let Some(hosts) = env.get("POSTGRES_REPLICA_HOSTS") {
         for spec in hosts.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (host, port) = split_replica(spec)?;
+            let (host, port) = split_host("POSTGRES_REPLICA_HOSTS", spec)?;
             builder = builder.replica(conn.dsn(
                 host,
                 port.unwrap_or(conn.port),
@@ -143,7 +168,7 @@ pub(crate) fn builder_from_env(lookup: &dyn Fn(&str) -> Option<String>) -> Resul
     Ok(builder)
 }
 
-fn split_replica(spec: &str) -> Result<(&str, Option<u16>)> {
+fn split_host<'a>(key: &str, spec: &'a str) -> Result<(&'a str, Option<u16>)> {
     let (host, port) = match spec.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, Some(p)),
         _ => (spec, None),
@@ -151,9 +176,9 @@ fn split_replica(spec: &str) -> Result<(&str, Option<u16>)> {
     let port = port
         .map(|p| {
             p.parse::<u16>().map_err(|_| {
-                Error::config(
-                    "POSTGRES_REPLICA_HOSTS: invalid port (expected host[:port],host[:port],...)",
-                )
+                Error::config(format!(
+                    "{key}: invalid port (expected host[:port],host[:port],...)"
+                ))
             })
         })
         .transpose()?;

@@ -50,6 +50,12 @@ pub enum ErrorKind {
     CircuitOpen,
     /// No replica is eligible for reads and the fallback policy says fail.
     NoEligibleReplica,
+    /// No node is known to be the primary: the one that was stopped
+    /// answering or is in recovery, and no other has taken its place yet
+    /// (a failover in progress). Nothing was sent; the health monitor is
+    /// looking, so running the call again later may succeed
+    /// ([`Error::is_retryable`]).
+    NoPrimary,
     /// The cluster is shutting down or shut down.
     ShuttingDown,
     /// A deadline passed.
@@ -88,6 +94,7 @@ impl ErrorKind {
             ErrorKind::TooManyRows => "more than one row found",
             ErrorKind::CircuitOpen => "circuit breaker open",
             ErrorKind::NoEligibleReplica => "no replica eligible for reads",
+            ErrorKind::NoPrimary => "no node is known to be the primary",
             ErrorKind::ShuttingDown => "the cluster is shutting down",
             ErrorKind::Timeout => "deadline exceeded",
             ErrorKind::Hook => "hook failed",
@@ -311,7 +318,8 @@ impl Error {
     /// password for a server that asks for one), checkout
     /// timeouts, a connection already closed before the statement was sent,
     /// serialization failures (40001), deadlocks (40P01), SQLSTATE class 08
-    /// and 57P01-57P03. Not retryable: constraint violations, syntax errors,
+    /// and 57P01-57P03, a write refused by a server in recovery (25006: a
+    /// failover under way) and [`ErrorKind::NoPrimary`]. Not retryable: constraint violations, syntax errors,
     /// `NotFound`, configuration errors, a deadline of the caller's own
     /// ([`ErrorKind::Timeout`]), an I/O failure while a statement was in
     /// flight (it may have run), and [`ErrorKind::AmbiguousCommit`].
@@ -331,7 +339,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self.0.kind {
             ErrorKind::Connect => !self.is_permanent_connect_failure(),
-            ErrorKind::PoolTimeout => true,
+            ErrorKind::PoolTimeout | ErrorKind::NoPrimary => true,
             // Only when known unsent: a connection that broke while the
             // statement was in flight may have run it.
             ErrorKind::Closed => self.0.unsent,
@@ -339,6 +347,7 @@ impl Error {
                 is_connection_state(c)
                     || *c == SqlState::T_R_SERIALIZATION_FAILURE
                     || *c == SqlState::T_R_DEADLOCK_DETECTED
+                    || *c == SqlState::READ_ONLY_SQL_TRANSACTION
             }),
             _ => false,
         }
@@ -384,6 +393,17 @@ impl Error {
             .as_deref()?
             .downcast_ref::<RetryAfter>()
             .map(|r| r.0)
+    }
+}
+
+impl Error {
+    /// Whether this failure of a call on the primary may mean the primary
+    /// changed (it is gone, or it is in recovery now): the health monitor
+    /// should look at once.
+    pub(crate) fn suggests_failover(&self) -> bool {
+        matches!(self.0.kind, ErrorKind::CircuitOpen | ErrorKind::NoPrimary)
+            || self.is_connection_error()
+            || self.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
     }
 }
 

@@ -74,6 +74,10 @@ pub struct NodeHealth {
     pub up: bool,
     /// What `pg_is_in_recovery()` said at the last successful probe.
     pub in_recovery: Option<bool>,
+    /// The timeline it writes on, when it is not in recovery (read from
+    /// the WAL file name of `pg_current_wal_lsn()`): of two nodes that
+    /// both claim to be primary, writes go to the newer timeline's.
+    pub timeline: Option<u32>,
     /// Its circuit breaker.
     pub breaker: BreakerState,
     /// How long until an open breaker lets a call through.
@@ -119,16 +123,18 @@ pub struct HealthReport {
     pub status: HealthStatus,
     /// When the report was made.
     pub timestamp: SystemTime,
-    /// The primary first, then the replicas.
+    /// Every node, in the order they were configured; each one's
+    /// `node.role()` is its role now.
     pub nodes: Vec<NodeHealth>,
+    /// The index in `nodes` of the node writes go to, if one is known.
+    primary: Option<usize>,
 }
 
 impl HealthReport {
-    pub(crate) fn new(nodes: Vec<NodeHealth>) -> Self {
-        let primary_ok = nodes
-            .iter()
-            .filter(|n| n.node.role() == Role::Primary)
-            .all(|n| n.up && n.breaker != BreakerState::Open);
+    pub(crate) fn new(nodes: Vec<NodeHealth>, primary: Option<usize>) -> Self {
+        let primary = primary.filter(|&i| i < nodes.len());
+        let primary_ok =
+            primary.is_some_and(|i| nodes[i].up && nodes[i].breaker != BreakerState::Open);
         let status = if !primary_ok {
             HealthStatus::Unhealthy
         } else if nodes.iter().any(|n| !n.warnings.is_empty()) {
@@ -140,20 +146,25 @@ impl HealthReport {
             status,
             timestamp: SystemTime::now(),
             nodes,
+            primary,
         }
     }
 
-    /// The primary's health.
+    /// The health of the node writes go to; `None` while no node is known
+    /// to be primary (a failover under way: the report is then
+    /// `Unhealthy`).
     ///
     /// ```no_run
     /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
     /// let report = cluster.health();
-    /// assert!(report.primary().up);
+    /// match report.primary() {
+    ///     Some(primary) => println!("primary {} up={}", primary.node, primary.up),
+    ///     None => println!("no primary known"),
+    /// }
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
-    pub fn primary(&self) -> &NodeHealth {
-        // A report always holds the cluster's primary first.
-        &self.nodes[0]
+    pub fn primary(&self) -> Option<&NodeHealth> {
+        self.nodes.get(self.primary?)
     }
 
     /// The node called `name`.
@@ -225,8 +236,13 @@ pub(crate) fn warnings(
             ));
         }
     }
-    if h.node.role() == Role::Replica && h.in_recovery == Some(false) {
-        out.push("not in recovery: this replica is a primary now".to_owned());
+    if h.up && h.node.role() == Role::Replica && h.in_recovery == Some(false) {
+        out.push(format!(
+            "not in recovery (timeline {}), yet not the primary writes go to: split brain? \
+             it gets neither writes nor reads",
+            h.timeline
+                .map_or_else(|| "unknown".to_owned(), |t| t.to_string())
+        ));
     }
     out
 }
@@ -266,13 +282,19 @@ mod json {
 
     use super::{HealthReport, HealthStatus, NodeHealth, rfc3339};
 
-    struct Database<'a>(&'a NodeHealth);
+    struct Database<'a>(Option<&'a NodeHealth>);
 
     impl Serialize for Database<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let n = self.0;
-            let mut m = s.serialize_map(Some(4))?;
+            let Some(n) = self.0 else {
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("connected", &false)?;
+                m.serialize_entry("primary", &None::<&str>)?;
+                return m.end();
+            };
+            let mut m = s.serialize_map(Some(5))?;
             m.serialize_entry("connected", &n.up)?;
+            m.serialize_entry("primary", n.node.name())?;
             m.serialize_entry(
                 "pool_utilization",
                 &format!("{:.2}%", n.pool_utilization * 100.0),
@@ -292,6 +314,7 @@ mod json {
             m.serialize_entry("address", self.node.address())?;
             m.serialize_entry("up", &self.up)?;
             m.serialize_entry("in_recovery", &self.in_recovery)?;
+            m.serialize_entry("timeline", &self.timeline)?;
             m.serialize_entry("breaker", self.breaker.as_str())?;
             m.serialize_entry("lag_bytes", &self.lag_bytes)?;
             m.serialize_entry("lag_seconds", &self.lag.map(|l| l.as_secs_f64()))?;
@@ -315,11 +338,24 @@ mod json {
             let mut m = s.serialize_map(None)?;
             m.serialize_entry("status", self.status.as_str())?;
             if self.status == HealthStatus::Unhealthy {
-                let primary = self.primary();
-                let error = primary
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| format!("primary circuit breaker {}", primary.breaker));
+                let error = match self.primary() {
+                    Some(primary) => primary
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| format!("primary circuit breaker {}", primary.breaker)),
+                    None => match self
+                        .nodes
+                        .iter()
+                        .find(|n| n.node.role() == crate::Role::Primary)
+                    {
+                        Some(last) => format!(
+                            "no node is known to be primary; the last one, {}, is down: {}",
+                            last.node,
+                            last.last_error.as_deref().unwrap_or("no answer")
+                        ),
+                        None => "no node is known to be primary".to_owned(),
+                    },
+                };
                 m.serialize_entry("error", &error)?;
             }
             m.serialize_entry("timestamp", &rfc3339(self.timestamp))?;

@@ -549,7 +549,8 @@ impl ConnectionEvent<'_> {
     }
 }
 
-/// Seen by `on_breaker_state_change` and `on_node_health_change` hooks.
+/// Seen by `on_breaker_state_change`, `on_node_health_change` and
+/// `on_role_change` hooks.
 ///
 /// ```
 /// let builder = pgxkit::Cluster::builder()
@@ -560,6 +561,7 @@ pub struct NodeEvent<'a> {
     pub(crate) node: &'a NodeInfo,
     pub(crate) breaker: Option<(BreakerState, BreakerState)>,
     pub(crate) up: Option<bool>,
+    pub(crate) role: Option<(Role, Role)>,
 }
 
 impl NodeEvent<'_> {
@@ -589,6 +591,16 @@ impl NodeEvent<'_> {
     /// ```
     pub fn up(&self) -> Option<bool> {
         self.up
+    }
+    /// For a role change: the roles before and after (the node itself
+    /// already shows the new one).
+    ///
+    /// ```
+    /// let builder = pgxkit::Cluster::builder()
+    ///     .on_role_change(|ev| log::warn!("{}: {:?}", ev.node(), ev.role_change()));
+    /// ```
+    pub fn role_change(&self) -> Option<(Role, Role)> {
+        self.role
     }
 }
 
@@ -648,6 +660,7 @@ pub(crate) struct Hooks {
     pub(crate) on_shutdown: Vec<ShutdownHook>,
     pub(crate) on_breaker_state_change: Vec<NodeHook>,
     pub(crate) on_node_health_change: Vec<NodeHook>,
+    pub(crate) on_role_change: Vec<NodeHook>,
     pub(crate) log_parameters: bool,
 }
 
@@ -668,6 +681,7 @@ impl fmt::Debug for Hooks {
                 &self.on_breaker_state_change.len(),
             )
             .field("on_node_health_change", &self.on_node_health_change.len())
+            .field("on_role_change", &self.on_role_change.len())
             .field("log_parameters", &self.log_parameters)
             .finish()
     }

@@ -18,6 +18,7 @@ mod health;
 pub mod hooks;
 mod info;
 mod limits;
+mod lsn;
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub mod metrics;
@@ -38,6 +39,7 @@ mod stats;
 mod stripes;
 mod sync;
 mod tls;
+mod topology;
 mod tx;
 
 #[cfg(feature = "testkit")]

@@ -34,18 +34,40 @@ pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection may stay parked for its thread unused.
 const UNPARK_AFTER: Duration = Duration::from_secs(1);
 
-const PRIMARY_PROBE: &str = "SELECT pg_is_in_recovery(), \
-     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END";
-
-/// Lag in bytes against the primary's position read just before; lag in
-/// time as now() minus the last replayed commit, or zero when everything
-/// is replayed.
-const REPLICA_PROBE: &str = "SELECT pg_is_in_recovery(), \
+/// One query for every node, whatever its role: whether it is in
+/// recovery; its WAL position (the current one, else the last replayed);
+/// not in recovery, the WAL file name of its current position (whose
+/// first eight digits are the timeline it writes on: it moves at
+/// promotion); in recovery, its lag in bytes against the primary's
+/// position read just before (`$1`, NULL when not known), and in time as
+/// now() minus the last replayed commit, or zero when everything is
+/// replayed. Sent with the simple protocol (`$1` written in as a literal,
+/// [`probe_sql`]), which every pooler passes in any pooling mode: a named
+/// statement through PgBouncer in transaction mode may be prepared on one
+/// server connection and run on another.
+const PROBE: &str = "SELECT pg_is_in_recovery(), \
+     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+          ELSE pg_current_wal_lsn() END::text, \
+     CASE WHEN pg_is_in_recovery() THEN NULL \
+          ELSE pg_walfile_name(pg_current_wal_lsn()) END, \
      pg_wal_lsn_diff($1::text::pg_lsn, pg_last_wal_replay_lsn())::float8, \
      CASE WHEN pg_last_wal_replay_lsn() IS NULL THEN NULL \
           WHEN coalesce(pg_wal_lsn_diff($1::text::pg_lsn, pg_last_wal_replay_lsn()) <= 0, \
                         pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn()) THEN 0 \
           ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END::float8";
+
+/// The shortest time between two rounds asked for by failing writes
+/// ([`Nodes::nudge`]): while no primary is known, a new one is found
+/// within this plus one probe.
+pub(crate) const NUDGE_GAP: Duration = Duration::from_millis(100);
+
+/// What wakes the monitor besides its timers.
+pub(crate) struct Wakers {
+    /// Disconnects when the cluster is shut down or dropped.
+    pub(crate) stop: Receiver<()>,
+    /// A write failed in a way that may mean a failover: probe now.
+    pub(crate) nudges: Receiver<()>,
+}
 
 /// What the monitor's settings are.
 pub(crate) struct Settings {
@@ -61,6 +83,7 @@ enum Work {
     Probe,
     Leaks,
     Upkeep,
+    Nudged,
 }
 
 /// How often parked and idle connections are looked at: half the idle
@@ -74,15 +97,16 @@ fn upkeep_period(idle_time: Duration) -> Duration {
 pub(crate) fn spawn(
     cluster: Weak<Nodes>,
     settings: Settings,
-    stop: Receiver<()>,
+    wakers: Wakers,
     probes: Probers,
 ) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("pgxkit-health".to_owned())
-        .spawn(move || run(&cluster, &settings, &stop, probes))
+        .spawn(move || run(&cluster, &settings, &wakers, probes))
 }
 
-fn run(cluster: &Weak<Nodes>, settings: &Settings, stop: &Receiver<()>, mut probes: Probers) {
+fn run(cluster: &Weak<Nodes>, settings: &Settings, wakers: &Wakers, mut probes: Probers) {
+    let stop = &wakers.stop;
     let Settings {
         period,
         leak_threshold,
@@ -95,13 +119,27 @@ fn run(cluster: &Weak<Nodes>, settings: &Settings, stop: &Receiver<()>, mut prob
         None => never(),
     };
     let upkeep = tick(upkeep_period(idle_time));
+    let mut last_round = Instant::now();
     loop {
         let work = select! {
             recv(stop) -> _ => return,
             recv(ticker) -> _ => Work::Probe,
             recv(leak_ticker) -> _ => Work::Leaks,
             recv(upkeep) -> _ => Work::Upkeep,
+            recv(wakers.nudges) -> _ => Work::Nudged,
         };
+        if let Work::Nudged = work {
+            // Not a storm: at most one asked-for round per NUDGE_GAP.
+            let wait = NUDGE_GAP.saturating_sub(last_round.elapsed());
+            if !wait.is_zero()
+                && matches!(
+                    stop.recv_timeout(wait),
+                    Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+                )
+            {
+                return;
+            }
+        }
         let Some(inner) = cluster.upgrade() else {
             return;
         };
@@ -116,7 +154,10 @@ fn run(cluster: &Weak<Nodes>, settings: &Settings, stop: &Receiver<()>, mut prob
                 });
                 probes.mark_overdue(&inner, period);
             }
-            Work::Probe => probes.round(&inner, period, false, true),
+            Work::Probe | Work::Nudged => {
+                probes.round(&inner, period, false, true);
+                last_round = Instant::now();
+            }
         }
     }
 }
@@ -148,13 +189,14 @@ struct Job {
 
 /// What one probe found, before it is recorded on its node.
 enum Outcome {
-    Primary {
+    Probed {
         in_recovery: Option<bool>,
+        /// Its WAL position (current, else last replayed), as text.
         lsn: Option<String>,
-    },
-    Replica {
-        in_recovery: Option<bool>,
-        /// `None` when the primary's position was not known this round.
+        /// Not in recovery: the timeline it writes on.
+        timeline: Option<u32>,
+        /// In recovery: `None` when the primary's position was not known
+        /// this round.
         bytes: Option<Option<u64>>,
         seconds: Option<f64>,
     },
@@ -242,12 +284,12 @@ impl Prober {
     }
 }
 
-/// Every node's prober, primary first.
+/// Every node's prober, in the order of the nodes.
 pub(crate) struct Probers(Vec<Prober>);
 
 impl Probers {
     /// Starts a prober per node; `probes` are the connections `build()`
-    /// opened (one slot per node, primary first).
+    /// opened (one slot per node, in the order of the nodes).
     pub(crate) fn start(
         cluster: &Arc<Nodes>,
         probes: Vec<Option<Connected>>,
@@ -278,9 +320,9 @@ impl Probers {
         Ok(Probers(probers))
     }
 
-    /// One round: the primary first (its WAL position is the replicas'
-    /// yardstick; waited for at most [`overdue_after`]), then every replica
-    /// whose prober is free. With `wait`, the replicas' answers are waited
+    /// One round: the node believed primary first, if one is (its WAL
+    /// position is the replicas' yardstick; waited for at most
+    /// [`overdue_after`]), then every other node whose prober is free. With `wait`, the replicas' answers are waited
     /// for too, as long again (`build()`, so the first report is current);
     /// with `connect` false only nodes that have a probe connection are
     /// probed. Nodes whose probe is overdue are marked down.
@@ -288,17 +330,21 @@ impl Probers {
         let bound = overdue_after(period);
         let started = Instant::now();
         let mut primary_lsn = None;
-        if let Some(primary) = self.0.first_mut() {
+        let primary = inner.primary.load(std::sync::atomic::Ordering::Acquire);
+        if let Some(prober) = self.0.get_mut(primary) {
             let job = Job {
                 primary_lsn: None,
                 connect,
             };
-            if primary.dispatch(job, started) {
-                primary_lsn = primary.done.recv_timeout(bound).ok().flatten();
+            if prober.dispatch(job, started) {
+                primary_lsn = prober.done.recv_timeout(bound).ok().flatten();
             }
         }
         let mut sent = Vec::new();
-        for (i, prober) in self.0.iter_mut().enumerate().skip(1) {
+        for (i, prober) in self.0.iter_mut().enumerate() {
+            if i == primary {
+                continue;
+            }
             let job = Job {
                 primary_lsn: primary_lsn.clone(),
                 connect,
@@ -331,6 +377,7 @@ impl Probers {
                         prober.overdue_reported = true;
                         let why = format!("no answer to the health probe within {bound:?}");
                         apply(node, Err(why), None, None);
+                        inner.decide();
                     }
                 }
                 Some(_) => {}
@@ -377,6 +424,7 @@ impl ProberContext {
                 return;
             };
             let lsn = record(node, outcome);
+            inner.decide();
             drop(inner);
             {
                 let mut state = lock(&self.state);
@@ -401,42 +449,52 @@ impl ProberContext {
                 Err(e) => return Outcome::failed(&e),
             },
         };
-        let lsn = job.primary_lsn.as_deref();
-        let row = if self.index == 0 {
-            probe.client.query_one(PRIMARY_PROBE, &[])
-        } else {
-            probe.client.query_one(REPLICA_PROBE, &[&lsn])
-        };
-        let row = match row {
-            Ok(row) => row,
+        let sql = probe_sql(job.primary_lsn.as_deref());
+        let messages = match probe.client.simple_query(&sql) {
+            Ok(messages) => messages,
             Err(e) => {
                 probe.discard();
                 return Outcome::failed(&Error::from_postgres(e, &self.info));
             }
         };
         *slot = Some(probe);
-        let in_recovery = row.try_get(0).ok();
-        if self.index == 0 {
-            Outcome::Primary {
-                in_recovery,
-                lsn: row.try_get(1).ok().flatten(),
-            }
-        } else {
-            let bytes: Option<f64> = row.try_get(1).ok().flatten();
-            Outcome::Replica {
-                in_recovery,
-                bytes: job
-                    .primary_lsn
-                    .is_some()
-                    .then(|| bytes.map(|b| b.max(0.0) as u64)),
-                seconds: row.try_get(2).ok().flatten(),
-            }
+        let Some(row) = messages.iter().find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        }) else {
+            return Outcome::Failed {
+                why: "the health probe returned no row".to_owned(),
+                answered: true,
+            };
+        };
+        let text = |i: usize| row.try_get(i).ok().flatten();
+        let number = |i: usize| text(i).and_then(|t: &str| t.parse::<f64>().ok());
+        Outcome::Probed {
+            in_recovery: text(0).map(|t| t == "t"),
+            lsn: text(1).map(str::to_owned),
+            timeline: text(2).and_then(crate::lsn::timeline_of_walfile),
+            bytes: job
+                .primary_lsn
+                .is_some()
+                .then(|| number(3).map(|b| b.max(0.0) as u64)),
+            seconds: number(4),
         }
     }
 }
 
-/// Records a probe's outcome on its node; the primary's WAL position, if
-/// that is what it found.
+/// [`PROBE`] with the primary's position written in: a `pg_lsn` literal
+/// re-printed from its parsed value (so nothing but `X/Y` is ever
+/// inserted), else NULL.
+fn probe_sql(primary_lsn: Option<&str>) -> String {
+    let literal = primary_lsn.and_then(crate::lsn::parse).map_or_else(
+        || "NULL".to_owned(),
+        |p| format!("'{}'", crate::lsn::format(p)),
+    );
+    PROBE.replace("$1", &literal)
+}
+
+/// Records a probe's outcome on its node; the node's WAL position when it
+/// is not in recovery (the yardstick of the replicas' lag).
 fn record(node: &Node, outcome: Outcome) -> Option<String> {
     match outcome {
         Outcome::Skipped => None,
@@ -444,15 +502,22 @@ fn record(node: &Node, outcome: Outcome) -> Option<String> {
             apply(node, Err(why), None, None);
             None
         }
-        Outcome::Primary { in_recovery, lsn } => {
-            apply(node, Ok(in_recovery), None, None);
-            lsn
-        }
-        Outcome::Replica {
+        Outcome::Probed {
             in_recovery,
+            lsn,
+            timeline,
             bytes,
             seconds,
         } => {
+            node.set_replication(
+                in_recovery,
+                timeline,
+                lsn.as_deref().and_then(crate::lsn::parse),
+            );
+            if in_recovery == Some(false) {
+                apply(node, Ok(in_recovery), None, None);
+                return lsn;
+            }
             // Without the primary's position (its probe failed or was late)
             // the lag in bytes is what it was: "unknown" would make a
             // lagging replica eligible for reads again.
@@ -498,4 +563,19 @@ fn apply(
         in_recovery,
         error,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_primary_position_is_written_in_as_a_literal_or_null() {
+        let sql = super::probe_sql(Some("0/16B3748"));
+        assert!(
+            sql.contains("'0/16B3748'::text::pg_lsn") && !sql.contains("$1"),
+            "{sql}"
+        );
+        assert!(super::probe_sql(None).contains("NULL::text::pg_lsn"));
+        // Anything but a position becomes NULL.
+        assert!(super::probe_sql(Some("0/1'; DROP TABLE x; --")).contains("NULL::text"));
+    }
 }

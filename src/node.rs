@@ -3,7 +3,9 @@
 //! what the health monitor last saw of it. Running statements on it is in
 //! `exec.rs`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed,
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,21 +46,33 @@ pub(crate) struct ProbeRecord {
     pub(crate) error: Option<String>,
 }
 
-/// A cluster's nodes: what its background workers (health monitor, plan
-/// capture, metrics collector) hold, weakly, so they need nothing else of
-/// the cluster and stop once it is gone.
+/// A cluster's nodes, and which is primary now (see `topology.rs`): what
+/// its background workers (health monitor, plan capture, metrics
+/// collector) hold, weakly, so they need nothing else of the cluster and
+/// stop once it is gone.
 #[derive(Debug)]
 pub(crate) struct Nodes {
-    pub(crate) primary: Node,
-    pub(crate) replicas: Vec<Node>,
+    /// Every node, in the order they were configured.
+    pub(crate) nodes: Vec<Node>,
+    /// The index of the primary in `nodes`, `topology::NO_PRIMARY` when
+    /// none is known.
+    pub(crate) primary: AtomicUsize,
+    pub(crate) decisions: Mutex<crate::topology::Decisions>,
+    /// Asks the monitor for a probe round now (capacity 1).
+    pub(crate) nudge: crossbeam_channel::Sender<()>,
 }
 
 impl Nodes {
-    /// The primary, then the replicas.
+    /// Every node, in the order they were configured.
     pub(crate) fn nodes(&self) -> impl Iterator<Item = &Node> {
-        std::iter::once(&self.primary).chain(&self.replicas)
+        self.nodes.iter()
     }
 }
+
+/// `Node::recovery` values.
+const RECOVERY_UNKNOWN: u8 = 0;
+const IN_RECOVERY: u8 = 1;
+const NOT_IN_RECOVERY: u8 = 2;
 
 #[derive(Debug)]
 pub(crate) struct Node {
@@ -78,6 +92,13 @@ pub(crate) struct Node {
     /// commit to date its lag by.
     behind_since: Mutex<Option<Instant>>,
     probe: Mutex<ProbeRecord>,
+    /// `pg_is_in_recovery()` as last read (`RECOVERY_UNKNOWN` before).
+    recovery: AtomicU8,
+    /// The timeline of a node not in recovery, as last read (0: unknown).
+    timeline: AtomicU32,
+    /// Its WAL position as last read: the current one when not in
+    /// recovery, else the last one replayed (0: unknown).
+    position: AtomicU64,
     /// The circuit breaker every call passes.
     pub(crate) gate: Gate,
 }
@@ -117,7 +138,78 @@ impl Node {
             lag_micros: AtomicU64::new(UNKNOWN),
             behind_since: Mutex::new(None),
             probe: Mutex::new(ProbeRecord::default()),
+            recovery: AtomicU8::new(RECOVERY_UNKNOWN),
+            timeline: AtomicU32::new(0),
+            position: AtomicU64::new(0),
         }
+    }
+
+    /// `pg_is_in_recovery()` as the last probe that read it found.
+    #[inline]
+    pub(crate) fn in_recovery(&self) -> Option<bool> {
+        match self.recovery.load(Relaxed) {
+            IN_RECOVERY => Some(true),
+            NOT_IN_RECOVERY => Some(false),
+            _ => None,
+        }
+    }
+
+    /// The timeline the node was last seen on when not in recovery.
+    pub(crate) fn timeline(&self) -> Option<u32> {
+        Some(self.timeline.load(Relaxed)).filter(|&t| t > 0)
+    }
+
+    /// Records what a probe read of the node's replication state: in
+    /// recovery or not, the timeline (not in recovery), the WAL position.
+    pub(crate) fn set_replication(
+        &self,
+        in_recovery: Option<bool>,
+        timeline: Option<u32>,
+        position: Option<u64>,
+    ) {
+        if let Some(r) = in_recovery {
+            self.recovery
+                .store(if r { IN_RECOVERY } else { NOT_IN_RECOVERY }, Relaxed);
+        }
+        self.timeline.store(timeline.unwrap_or(0), Relaxed);
+        if let Some(p) = position {
+            self.position.fetch_max(p, Relaxed);
+        }
+    }
+
+    /// What the topology's decision reads of the node.
+    pub(crate) fn view(&self) -> crate::topology::View {
+        crate::topology::View {
+            up: self.is_up(),
+            in_recovery: self.in_recovery(),
+            timeline: self.timeline(),
+        }
+    }
+
+    /// Sets the node's role; logs and runs the `on_role_change` hooks when
+    /// that is a change.
+    pub(crate) fn change_role(&self, role: Role) {
+        let was = self.info.set_role(role);
+        if was == role {
+            return;
+        }
+        // A position from before (a primary's) says nothing of what a
+        // replica has replayed.
+        self.position.store(0, Relaxed);
+        log::warn!(
+            "{} ({}) was {was}: it is {role} now",
+            self.info.name(),
+            self.info.address()
+        );
+        let event = NodeEvent {
+            node: &self.info,
+            breaker: None,
+            up: None,
+            role: Some((was, role)),
+        };
+        hooks::notify(&self.hooks.on_role_change, "on_role_change", |hook| {
+            hook(&event)
+        });
     }
 
     /// Whether the last health probe (or the check at build) succeeded.
@@ -182,6 +274,7 @@ impl Node {
             node: &self.info,
             breaker: None,
             up: Some(up),
+            role: None,
         };
         hooks::notify(
             &self.hooks.on_node_health_change,

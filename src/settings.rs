@@ -143,8 +143,11 @@ pub(crate) struct NodeConfig {
 /// The whole cluster's settings, resolved and validated: the nodes, what
 /// is derived from them, and the builder's [`Settings`] as they were set.
 pub(crate) struct ClusterConfig {
-    pub(crate) primary: NodeConfig,
-    pub(crate) replicas: Vec<NodeConfig>,
+    /// Every node, in the order they were configured.
+    pub(crate) nodes: Vec<NodeConfig>,
+    /// The node given as the single-host primary DSN, if one was: the
+    /// primary the cluster starts with (and the node `build()` needs).
+    pub(crate) primary: Option<usize>,
     pub(crate) health_check_period: Duration,
     pub(crate) hooks: Arc<Hooks>,
     pub(crate) settings: Settings,

@@ -12,7 +12,7 @@ use crate::info::{NodeInfo, Role};
 /// # fn main() -> Result<(), pgxkit::Error> {
 /// # let cluster = pgxkit::Cluster::connect("postgres://app@db/app")?;
 /// let stats = cluster.stats();
-/// let primary = &stats.primary().pool;
+/// let primary = &stats.primary().unwrap().pool;
 /// println!("{} of {} in use, {} checkout timeouts",
 ///          primary.in_use_conns, primary.max_conns, primary.checkout_timeouts);
 /// # Ok(()) }
@@ -58,7 +58,7 @@ impl PoolStats {
     /// ```no_run
     /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
     /// let stats = cluster.stats();
-    /// let pool = &stats.primary().pool;
+    /// let pool = &stats.primary().unwrap().pool;
     /// if pool.utilization() > 0.8 {
     ///     eprintln!("primary pool {:.0} % in use", pool.utilization() * 100.0);
     /// }
@@ -100,7 +100,7 @@ pub struct NodeStats {
     pub pool: PoolStats,
 }
 
-/// Every node's snapshot, the primary first.
+/// Every node's snapshot, in the order the nodes were configured.
 ///
 /// ```no_run
 /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
@@ -111,21 +111,25 @@ pub struct NodeStats {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClusterStats {
-    /// The primary, then the replicas in the order they were configured.
+    /// Every node, in the order they were configured.
     pub nodes: Vec<NodeStats>,
+    /// The index in `nodes` of the node writes go to, if one is known.
+    pub(crate) primary: Option<usize>,
 }
 
 impl ClusterStats {
-    /// The primary's snapshot.
+    /// The snapshot of the node writes go to; `None` while no node is
+    /// known to be primary (a failover under way).
     ///
     /// ```no_run
     /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-    /// println!("{} connections to the primary", cluster.stats().primary().pool.total_conns);
+    /// if let Some(primary) = cluster.stats().primary() {
+    ///     println!("{} connections to the primary", primary.pool.total_conns);
+    /// }
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
-    pub fn primary(&self) -> &NodeStats {
-        // A cluster always has its primary first.
-        &self.nodes[0]
+    pub fn primary(&self) -> Option<&NodeStats> {
+        self.nodes.get(self.primary?)
     }
 
     /// The replicas' snapshots.

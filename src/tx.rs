@@ -189,7 +189,11 @@ impl<'c> TransactionBuilder<'c> {
             }
             Transaction::begin(cluster, cluster.reader(None)?, Role::Replica, self)
         } else {
-            Transaction::begin(cluster, cluster.primary(), Role::Primary, self)
+            let node = cluster.primary()?;
+            let read_only = self.read_only;
+            let begun = Transaction::begin(cluster, node, Role::Primary, self);
+            cluster.after_write(node, &begun, read_only);
+            begun
         }
     }
 
@@ -464,6 +468,9 @@ impl<'c> Transaction<'c> {
             || op(&mut conn, deadline),
         );
         self.settle(&conn, &result);
+        if self.route == Role::Primary {
+            self.cluster.after_write(self.node, &result, self.read_only);
+        }
         result
     }
 

@@ -226,7 +226,7 @@ fn a_closure_error_of_the_callers_type_rolls_back_and_comes_back_unchanged() {
         [1, 3],
         "the savepoint's row undone, the rest committed"
     );
-    assert_eq!(cluster.stats().primary().pool.closed_broken, 0);
+    assert_eq!(cluster.stats().primary().unwrap().pool.closed_broken, 0);
 }
 
 #[test]
@@ -242,7 +242,7 @@ fn with_client_passes_the_callers_errors_and_bounds_the_call() {
     assert!(matches!(err, AppError::SoldOut));
     assert_eq!(count(&cluster), 1, "what the closure did stays done");
     let stats = cluster.stats();
-    let primary = stats.primary();
+    let primary = stats.primary().unwrap();
     assert_eq!(primary.pool.closed_broken, 0, "the connection was fine");
     assert_eq!(primary.breaker, pgxkit::BreakerState::Closed);
 
@@ -267,7 +267,7 @@ fn with_client_passes_the_callers_errors_and_bounds_the_call() {
     }
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(
-        cluster.stats().primary().pool.closed_broken,
+        cluster.stats().primary().unwrap().pool.closed_broken,
         1,
         "the cancelled connection is discarded"
     );
@@ -407,6 +407,6 @@ fn streaming_inside_a_transaction_sees_its_snapshot_and_closes_its_cursor() {
     assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO), "{err}");
     assert!(tx.commit().unwrap_err().to_string().contains("aborted"));
     let stats = cluster.stats();
-    assert_eq!(stats.primary().pool.in_use_conns, 0);
+    assert_eq!(stats.primary().unwrap().pool.in_use_conns, 0);
     drop(local);
 }

@@ -49,7 +49,7 @@ fn a_statement_in_flight_on_a_node_gone_silent_ends_at_its_deadline() {
             proxy.set(Fault::Pass);
             // This thread's connection, parked for it: the next call runs on it.
             let _: i32 = cluster.query_one("SELECT 1", &[]).unwrap().get(0);
-            let broken_before = cluster.stats().primary().pool.closed_broken;
+            let broken_before = cluster.stats().primary().unwrap().pool.closed_broken;
             proxy.set(Fault::Silent);
             let started = Instant::now();
             let err = cluster
@@ -66,7 +66,7 @@ fn a_statement_in_flight_on_a_node_gone_silent_ends_at_its_deadline() {
             took.push(elapsed);
             // The connection is discarded, not handed to the next call.
             common::wait_for("the connection discarded", Duration::from_secs(5), || {
-                cluster.stats().primary().pool.closed_broken > broken_before
+                cluster.stats().primary().unwrap().pool.closed_broken > broken_before
             });
         }
         let median = median(took.clone());

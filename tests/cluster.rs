@@ -90,7 +90,7 @@ fn reads_spread_evenly_over_replicas_and_writes_hit_the_primary() {
     }
 
     let stats = cluster.stats();
-    assert_eq!(stats.primary().node.role(), Role::Primary);
+    assert_eq!(stats.primary().unwrap().node.role(), Role::Primary);
     assert_eq!(stats.replicas().count(), 2);
     let replica_reads: u64 = stats.replicas().map(|n| n.pool.acquire_count).sum();
     assert_eq!(replica_reads, 202);
@@ -151,7 +151,7 @@ fn connect_read_write_splits_reads_and_writes() {
     let cluster = Cluster::connect_read_write(&read, &write).unwrap();
     assert_eq!(read_port(&cluster), local.replicas()[0].port());
     let stats = cluster.stats();
-    assert_eq!(stats.primary().pool.max_conns, 3);
+    assert_eq!(stats.primary().unwrap().pool.max_conns, 3);
     assert_eq!(stats.node("replica1").unwrap().pool.max_conns, 7);
 }
 
@@ -227,7 +227,7 @@ fn sixteen_threads_of_mixed_operations_add_up() {
         .get(0);
     assert_eq!(writes, (THREADS * OPS / 4) as i64);
     // Reads were shared by the replicas; the primary saw only the writes and query_opt.
-    let primary = stats.primary().pool.acquire_count - setup_acquires;
+    let primary = stats.primary().unwrap().pool.acquire_count - setup_acquires;
     assert_eq!(primary, (THREADS * OPS / 2) as u64);
 }
 
@@ -292,9 +292,12 @@ fn query_one_and_query_opt_count_rows() {
     })
     .unwrap();
     let stats = one.stats();
-    let pool = &stats.primary().pool;
+    let pool = &stats.primary().unwrap().pool;
     assert_eq!((pool.new_conns, pool.closed_broken), (1, 0), "{pool:?}");
-    assert_eq!(stats.primary().breaker, pgxkit::BreakerState::Closed);
+    assert_eq!(
+        stats.primary().unwrap().breaker,
+        pgxkit::BreakerState::Closed
+    );
 }
 
 #[test]
@@ -329,7 +332,7 @@ fn server_errors_carry_code_node_and_source() {
         "{err:?}"
     );
     // The failed statement did not break the connection.
-    assert_eq!(cluster.stats().primary().pool.closed_broken, 0);
+    assert_eq!(cluster.stats().primary().unwrap().pool.closed_broken, 0);
     let syntax = cluster.execute("SELEC 1", &[]).unwrap_err();
     assert_eq!(
         syntax.code(),
@@ -383,7 +386,7 @@ fn an_unreachable_primary_fails_build_unless_lazy() {
     let err = cluster.execute("SELECT 1", &[]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Connect, "{err}");
     assert!(err.to_string().contains("primary"), "{err}");
-    assert_eq!(cluster.stats().primary().pool.checkout_timeouts, 1);
+    assert_eq!(cluster.stats().primary().unwrap().pool.checkout_timeouts, 1);
     local.primary().start().unwrap();
     cluster.execute("SELECT 1", &[]).unwrap();
 }
@@ -424,12 +427,12 @@ fn checkout_validates_only_connections_idle_past_the_threshold() {
         .build()
         .unwrap();
     cluster.execute("SELECT 1", &[]).unwrap();
-    let before = cluster.stats().primary().pool.validations;
+    let before = cluster.stats().primary().unwrap().pool.validations;
     for _ in 0..500 {
         cluster.execute("SELECT 1", &[]).unwrap();
     }
     assert_eq!(
-        cluster.stats().primary().pool.validations,
+        cluster.stats().primary().unwrap().pool.validations,
         before,
         "busy checkouts must not ping"
     );
@@ -447,7 +450,7 @@ fn checkout_validates_only_connections_idle_past_the_threshold() {
         .unwrap()
         .get(0);
     assert_ne!(new_pid, pid);
-    let pool = cluster.stats().primary().pool.clone();
+    let pool = cluster.stats().primary().unwrap().pool.clone();
     assert_eq!(pool.validations, before + 1);
     assert_eq!(pool.closed_broken, 1);
 }
@@ -465,7 +468,7 @@ fn a_connection_broken_mid_use_is_discarded() {
     // No validation (the threshold is an hour): the statement meets the dead connection.
     let err = cluster.execute("SELECT 1", &[]).unwrap_err();
     assert!(err.is_connection_error(), "{err:?}");
-    assert_eq!(cluster.stats().primary().pool.closed_broken, 1);
+    assert_eq!(cluster.stats().primary().unwrap().pool.closed_broken, 1);
     cluster.execute("SELECT 1", &[]).unwrap();
 }
 
@@ -559,7 +562,7 @@ fn lifetime_jitter_spreads_expiry() {
         "a connection closed before its lifetime: {:?}",
         bounds.iter().find(|b| b.1 < 0.45)
     );
-    assert!(cluster.stats().primary().pool.closed_lifetime >= CONNS as u64);
+    assert!(cluster.stats().primary().unwrap().pool.closed_lifetime >= CONNS as u64);
 }
 
 /// The backend of each of `threads` threads' `queries` queries, run at
@@ -572,7 +575,7 @@ fn backends_seen_by_each_thread(threads: usize, queries: usize) -> Vec<Vec<i32>>
         .build()
         .unwrap();
     assert_eq!(
-        cluster.stats().primary().pool.total_conns,
+        cluster.stats().primary().unwrap().pool.total_conns,
         0,
         "starts empty"
     );
@@ -656,7 +659,7 @@ fn a_checkout_the_server_refuses_a_new_connection_for_is_served_by_a_release() {
             panic!("a query failed: {e}");
         }
     }
-    let pool = cluster.stats().primary().pool.clone();
+    let pool = cluster.stats().primary().unwrap().pool.clone();
     assert!(
         pool.connect_failures >= 1,
         "the server never refused: {pool:?}"
@@ -692,7 +695,7 @@ fn many_threads_share_few_connections_without_starving() {
         .map(|w| w.join().unwrap())
         .max()
         .unwrap();
-    let stats = cluster.stats().primary().pool.clone();
+    let stats = cluster.stats().primary().unwrap().pool.clone();
     assert_eq!(stats.checkout_timeouts, 0);
     assert_eq!(stats.acquire_count, (THREADS * 100) as u64);
     assert!(stats.total_conns <= 8);
@@ -727,7 +730,7 @@ fn idle_connections_close_after_max_conn_idle_time() {
         }
     });
     let released = Instant::now();
-    assert_eq!(cluster.stats().primary().pool.total_conns, 3);
+    assert_eq!(cluster.stats().primary().unwrap().pool.total_conns, 3);
     let backends = || -> i64 {
         local
             .primary()
@@ -742,7 +745,7 @@ fn idle_connections_close_after_max_conn_idle_time() {
     };
     assert_eq!(backends(), 3);
     wait_for("idle connections to close", IDLE * 3, || {
-        cluster.stats().primary().pool.total_conns == 0
+        cluster.stats().primary().unwrap().pool.total_conns == 0
     });
     // Not before their idle time (a delayed test thread only sees it later).
     assert!(
@@ -750,7 +753,7 @@ fn idle_connections_close_after_max_conn_idle_time() {
         "closed after {:?}",
         released.elapsed()
     );
-    assert_eq!(cluster.stats().primary().pool.closed_idle, 3);
+    assert_eq!(cluster.stats().primary().unwrap().pool.closed_idle, 3);
     wait_for("their backends to end", Duration::from_secs(5), || {
         backends() == 0
     });

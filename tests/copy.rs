@@ -194,7 +194,7 @@ fn a_failing_reader_or_writer_aborts_the_copy_and_leaves_the_cluster_usable() {
         .copy_in("COPY big (id, pad) FROM STDIN", Generated::new(100_000))
         .unwrap();
     // The writer fails half way: the connection is discarded, the next call works.
-    let broken_before = cluster.stats().primary().pool.closed_broken;
+    let broken_before = cluster.stats().primary().unwrap().pool.closed_broken;
     let mut out = Counting {
         fail_after: Some(100_000),
         ..Counting::default()
@@ -205,7 +205,7 @@ fn a_failing_reader_or_writer_aborts_the_copy_and_leaves_the_cluster_usable() {
     assert_eq!(err.kind(), ErrorKind::Io, "{err:?}");
     assert!(err.to_string().contains("the disk is full"), "{err}");
     assert_eq!(
-        cluster.stats().primary().pool.closed_broken,
+        cluster.stats().primary().unwrap().pool.closed_broken,
         broken_before + 1
     );
     assert_eq!(count(&cluster), 100_000);

@@ -47,7 +47,7 @@ fn a_before_hook_vetoes_and_the_server_never_sees_it() {
         .get(0);
     assert_eq!(n, 1);
     // Vetoed before checkout: only the allowed operations took a connection.
-    assert_eq!(cluster.stats().primary().pool.acquire_count, 2);
+    assert_eq!(cluster.stats().primary().unwrap().pool.acquire_count, 2);
 }
 
 #[test]
@@ -246,7 +246,7 @@ fn an_on_connect_error_rejects_the_connection() {
         format!("{err:?}").contains("tenant settings unavailable"),
         "{err:?}"
     );
-    assert_eq!(cluster.stats().primary().pool.total_conns, 0);
+    assert_eq!(cluster.stats().primary().unwrap().pool.total_conns, 0);
 }
 
 #[test]
@@ -292,7 +292,7 @@ fn a_panicking_hook_is_contained() {
         let v: i32 = cluster.query_one("SELECT $1::int", &[&i]).unwrap().get(0);
         assert_eq!(v, i);
     }
-    let pool = cluster.stats().primary().pool.clone();
+    let pool = cluster.stats().primary().unwrap().pool.clone();
     assert_eq!(pool.in_use_conns, 0, "no connection leaked");
     assert!(pool.total_conns <= 2);
     assert!(!log_lines("on_release hook panicked").is_empty());
@@ -465,7 +465,7 @@ fn a_pool_past_90_percent_is_logged_when_it_served_idle_connections() {
     let port = local.primary().port().to_string();
     let cluster = single(&local).max_conns(2).min_conns(2).build().unwrap();
     wait_for("two idle connections", Duration::from_secs(10), || {
-        cluster.stats().primary().pool.idle_conns == 2
+        cluster.stats().primary().unwrap().pool.idle_conns == 2
     });
     assert_full_once_when_both_are_checked_out(&cluster, &port);
 }

@@ -74,7 +74,7 @@ fn an_iterator_dropped_early_returns_its_connection_clean() {
         .map(|r| r.unwrap().get(0))
         .collect();
     assert_eq!(first, (1..=10).collect::<Vec<_>>());
-    let stats = cluster.stats().primary().pool.clone();
+    let stats = cluster.stats().primary().unwrap().pool.clone();
     assert_eq!(stats.in_use_conns, 0);
     assert_eq!(stats.closed_broken, 0, "the connection was kept");
     assert_eq!(idle_in_transaction(&local), 0, "and its transaction ended");
@@ -87,7 +87,7 @@ fn an_iterator_dropped_early_returns_its_connection_clean() {
         .unwrap()
         .get(0);
     assert_eq!(cursors, 0);
-    assert_eq!(cluster.stats().primary().pool.total_conns, 1);
+    assert_eq!(cluster.stats().primary().unwrap().pool.total_conns, 1);
 }
 
 #[test]
@@ -115,7 +115,7 @@ fn an_error_half_way_ends_the_iteration_and_the_cluster_goes_on() {
         Some(&pgxkit::postgres::error::SqlState::DIVISION_BY_ZERO)
     );
     assert!((4_000..5_000).contains(&ok), "{ok} rows before the error");
-    assert_eq!(cluster.stats().primary().pool.in_use_conns, 0);
+    assert_eq!(cluster.stats().primary().unwrap().pool.in_use_conns, 0);
     let _: i32 = cluster.query_one("SELECT 1", &[]).unwrap().get(0);
     assert_eq!(idle_in_transaction(&local), 0);
     // A query the server refuses fails at once.

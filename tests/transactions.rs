@@ -71,7 +71,7 @@ fn commit_rollback_on_error_and_dropped_guard() {
     tx.execute("INSERT INTO t VALUES (6, 'f')", &[]).unwrap();
     tx.commit().unwrap();
     assert_eq!(count(&cluster, "t"), 3);
-    assert_eq!(cluster.stats().primary().pool.in_use_conns, 0);
+    assert_eq!(cluster.stats().primary().unwrap().pool.in_use_conns, 0);
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn a_panic_rolls_back_and_continues() {
     }));
     assert!(outcome.is_err(), "the panic continued");
     assert_eq!(count(&cluster, "t"), 0, "rolled back");
-    let stats = cluster.stats().primary().pool.clone();
+    let stats = cluster.stats().primary().unwrap().pool.clone();
     assert_eq!(stats.in_use_conns, 0);
     assert_eq!(
         stats.closed_broken, 1,

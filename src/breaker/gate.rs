@@ -175,6 +175,7 @@ impl Gate {
                 node: &self.info,
                 breaker: Some((t.from, t.to)),
                 up: None,
+                role: None,
             };
             hooks::notify(
                 &self.hooks.on_breaker_state_change,

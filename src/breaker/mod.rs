@@ -18,7 +18,7 @@ pub(crate) use gate::{Gate, Permit};
 ///
 /// ```no_run
 /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-/// if cluster.stats().primary().breaker == pgxkit::BreakerState::Open {
+/// if cluster.stats().primary().unwrap().breaker == pgxkit::BreakerState::Open {
 ///     eprintln!("the primary's breaker is open");
 /// }
 /// # Ok::<(), pgxkit::Error>(())
@@ -38,7 +38,7 @@ impl BreakerState {
     ///
     /// ```no_run
     /// # let cluster = pgxkit::Cluster::connect("postgres://app@localhost/app")?;
-    /// println!("breaker: {}", cluster.stats().primary().breaker.as_str());
+    /// println!("breaker: {}", cluster.stats().primary().unwrap().breaker.as_str());
     /// # Ok::<(), pgxkit::Error>(())
     /// ```
     pub fn as_str(self) -> &'static str {

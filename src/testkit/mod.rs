@@ -33,6 +33,7 @@ mod certs;
 mod error;
 mod node;
 mod orphans;
+mod patroni;
 mod pgbouncer;
 mod process;
 mod proxy;
@@ -47,6 +48,7 @@ use std::time::{Duration, Instant};
 pub use certs::TlsFiles;
 pub use error::Error;
 pub use node::LocalNode;
+pub use patroni::{PatroniCluster, PatroniClusterBuilder, PatroniNode};
 pub use pgbouncer::PgBouncer;
 pub use proxy::{Fault, FaultProxy};
 

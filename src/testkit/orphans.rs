@@ -84,13 +84,22 @@ fn is_orphan(dir: &Path) -> bool {
 fn reap_one(dir: &Path) -> Result<(), String> {
     let mut stopped = Vec::new();
     let entries = fs::read_dir(dir).map_err(|e| e.to_string())?;
-    for sub in entries.flatten().map(|e| e.path()) {
-        for (pid_file, signal) in [
-            // Immediate shutdown for the server, fast for PgBouncer.
-            ("postmaster.pid", Signal::SIGQUIT),
-            ("pgbouncer.pid", Signal::SIGTERM),
-        ] {
-            if let Some(pid) = process_of(&sub, pid_file) {
+    // Each subdirectory, and its `data` (a Patroni node's server).
+    let subs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .flat_map(|sub| [sub.join("data"), sub])
+        .collect();
+    // An HA manager first, so it restarts no server; then the servers
+    // (immediate shutdown), PgBouncer and etcd (fast).
+    for (pid_file, signal) in [
+        ("patroni.pid", Signal::SIGKILL),
+        ("postmaster.pid", Signal::SIGQUIT),
+        ("pgbouncer.pid", Signal::SIGTERM),
+        ("etcd.pid", Signal::SIGTERM),
+    ] {
+        for sub in &subs {
+            if let Some(pid) = process_of(sub, pid_file) {
                 process::send_signal(pid, signal);
                 stopped.push(pid);
             }
