@@ -7,6 +7,7 @@
 //! cargo run --release --example bench -- --callgrind         # client instructions per query
 //! cargo run --release --example bench -- --clients pgxkit,pgxkit-reads --threads 4,8
 //! cargo run --release --example bench -- --checkout          # the pool alone, no statement
+//! cargo run --release --example bench -- --sessions          # read-your-writes costs
 //! cargo run --release --example bench -- --baseline /tmp/before/target/release/examples/bench
 //!                                                            # this commit against another's build
 //! ```
@@ -35,6 +36,15 @@
 //! `server CPU µs/query`: the same for every server process (primary and
 //! replicas, their backends included), from `/proc`; it tells whether a
 //! client's cost is its own or the server's.
+//!
+//! `--sessions`: what read-your-writes costs. Writes (`UPDATE` of a random
+//! row) through the cluster against the same through a `Session` (which
+//! then reads the primary's WAL position: the extra work per write); reads
+//! (the point lookup) from `replica()` against a session whose position the
+//! replicas have replayed (the extra work per read when the monitor already
+//! knows); and write-then-read pairs, each pair in a new session, against
+//! the same pair with the read on the primary (what a caller does without
+//! sessions to read its own write).
 //!
 //! `--checkout`: checkouts per second with no statement (pgxkit's
 //! `with_client` with an empty closure against r2d2's `get` without its
@@ -447,6 +457,9 @@ fn main() -> Result<(), AnyError> {
     if args.iter().any(|a| a == "--checkout") {
         return checkout_only(&setup, &threads, rounds, secs);
     }
+    if args.iter().any(|a| a == "--sessions") {
+        return sessions(&setup, &threads, rounds, secs);
+    }
     if let Some(baseline) = value("--baseline") {
         return against_baseline(
             std::path::Path::new(&baseline),
@@ -626,6 +639,106 @@ fn checkout_only(
             median(raw),
             median(ours),
             median(ratio)
+        );
+    }
+    Ok(())
+}
+
+/// Read-your-writes costs (see `--sessions` in the module's doc).
+fn sessions(
+    setup: &Setup,
+    threads: &[usize],
+    rounds: usize,
+    dur: Duration,
+) -> Result<(), AnyError> {
+    println!(
+        "read-your-writes sessions: {rounds} round(s) of {} s per cell, two replicas\n",
+        dur.as_secs_f64()
+    );
+    println!(
+        "| threads | writes/s | session writes/s | × | replica reads/s | session reads/s (replayed) | × | write + primary read pairs/s | session pairs/s | × |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    const WRITE: &str = "UPDATE bench SET v = v WHERE id = $1";
+    const READ: &str = "SELECT v FROM bench WHERE id = $1";
+    for &t in threads {
+        let mut cols: Vec<Vec<f64>> = vec![Vec::new(); 6];
+        for _ in 0..rounds {
+            let cluster = setup
+                .replicas
+                .iter()
+                .fold(Cluster::builder().primary(&setup.primary), |b, r| {
+                    b.replica(r)
+                })
+                .build()?;
+            // A position both replicas have replayed (the monitor's next
+            // probe sees it there).
+            let old = cluster.session();
+            old.execute(WRITE, &[&1i32])?;
+            let token = old.token().ok_or("no position")?;
+            let id = || fastrand::i32(1..=100_000);
+            let c = cluster.clone();
+            let plain_write = move || c.execute(WRITE, &[&id()]).map(drop).map_err(Into::into);
+            let c = cluster.clone();
+            let session_write = move || {
+                c.session()
+                    .execute(WRITE, &[&id()])
+                    .map(drop)
+                    .map_err(Into::into)
+            };
+            let c = cluster.clone();
+            let replica_read = move || {
+                c.replica()
+                    .query_one(READ, &[&id()])
+                    .map(drop)
+                    .map_err(Into::into)
+            };
+            let c = cluster.clone();
+            let tok = token.clone();
+            let session_read = move || {
+                c.session_from_token(&tok)?.query_one(READ, &[&id()])?;
+                Ok(())
+            };
+            let c = cluster.clone();
+            let primary_pair = move || {
+                let k = id();
+                c.execute(WRITE, &[&k])?;
+                c.query_one(READ, &[&k])?;
+                Ok(())
+            };
+            let c = cluster.clone();
+            let session_pair = move || {
+                let k = id();
+                let s = c.session();
+                s.execute(WRITE, &[&k])?;
+                s.query_one(READ, &[&k])?;
+                Ok(())
+            };
+            let results = [
+                spin(t, dur, plain_write)?,
+                spin(t, dur, session_write)?,
+                spin(t, dur, replica_read)?,
+                spin(t, dur, session_read)?,
+                spin(t, dur, primary_pair)?,
+                spin(t, dur, session_pair)?,
+            ];
+            for (col, r) in cols.iter_mut().zip(results) {
+                col.push(r);
+            }
+        }
+        let ratio =
+            |a: usize, b: usize| median(cols[b].iter().zip(&cols[a]).map(|(x, y)| x / y).collect());
+        println!(
+            "| {t} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
+            median(cols[0].clone()),
+            median(cols[1].clone()),
+            ratio(0, 1),
+            median(cols[2].clone()),
+            median(cols[3].clone()),
+            ratio(2, 3),
+            median(cols[4].clone()),
+            median(cols[5].clone()),
+            ratio(4, 5),
         );
     }
     Ok(())

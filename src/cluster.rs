@@ -657,6 +657,48 @@ impl Cluster {
         }
     }
 
+    /// One parameterised statement on `node` (a read the caller chose the
+    /// node for): counted in flight, between the hooks, bounded by this
+    /// handle's deadline.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn routed_on<T>(
+        &self,
+        node: &Node,
+        (kind, route): (OperationKind, Role),
+        sql: &str,
+        params: Params<'_>,
+        call: Call,
+        rows: impl Fn(&T) -> Option<u64>,
+        done: impl Fn(Output, &Node) -> Result<T>,
+    ) -> Result<T> {
+        let _in_flight = self.enter()?;
+        let deadline = self.deadline();
+        let what = Op {
+            kind,
+            route,
+            node: &node.info,
+            sql,
+            params,
+        };
+        hooks::around(&self.inner.hooks, what, rows, hooks::itself, || {
+            let stmt = self.stmt((kind, route), sql, params, call);
+            node.call(deadline, |mut lease| {
+                node.run_stmt(&mut lease, deadline, &stmt)
+            })
+            .and_then(|out| done(out, node))
+        })
+    }
+
+    /// The eligible replica whose turn it is among those `also` accepts.
+    pub(crate) fn replica_where(&self, also: impl Fn(&Node) -> bool) -> Option<&Node> {
+        let nodes = &self.inner.nodes.nodes;
+        let pick = self.inner.balancer.pick(nodes.len(), |i| {
+            let node = &nodes[i];
+            node.info.role() == Role::Replica && self.eligible(node) && also(node)
+        })?;
+        Some(&nodes[pick])
+    }
+
     /// A streamed query routed as `route` says.
     pub(crate) fn routed_iter<'s>(
         &'s self,

@@ -177,6 +177,18 @@ impl Node {
         }
     }
 
+    /// The WAL position a replica was last seen to have replayed (by the
+    /// monitor, or a read-your-writes check); 0 when unknown.
+    #[inline]
+    pub(crate) fn replayed(&self) -> u64 {
+        self.position.load(Relaxed)
+    }
+
+    /// Records a replay position a read-your-writes check saw.
+    pub(crate) fn saw_replayed(&self, lsn: u64) {
+        self.position.fetch_max(lsn, Relaxed);
+    }
+
     /// What the topology's decision reads of the node.
     pub(crate) fn view(&self) -> crate::topology::View {
         crate::topology::View {
