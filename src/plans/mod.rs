@@ -12,6 +12,8 @@
 
 mod worker;
 
+#[cfg(feature = "testkit")]
+pub(crate) use worker::JsonText;
 pub(crate) use worker::spawn;
 
 use std::error::Error as StdError;

@@ -17,7 +17,7 @@ use crate::info::Role;
 use crate::node::Nodes;
 
 /// A `json` value as its text (the binary form of `json` is the text).
-struct JsonText(String);
+pub(crate) struct JsonText(pub(crate) String);
 
 impl<'a> FromSql<'a> for JsonText {
     fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {

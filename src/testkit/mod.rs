@@ -37,6 +37,7 @@ mod patroni;
 mod pgbouncer;
 mod process;
 mod proxy;
+mod snapshots;
 
 use std::fs;
 use std::io::Write;
@@ -51,6 +52,7 @@ pub use node::LocalNode;
 pub use patroni::{PatroniCluster, PatroniClusterBuilder, PatroniNode};
 pub use pgbouncer::PgBouncer;
 pub use proxy::{Fault, FaultProxy};
+pub use snapshots::{Mismatch, Snapshots, Transcript, UPDATE_VAR, uuids_and_timestamps};
 
 use process::Runner;
 
