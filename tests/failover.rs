@@ -413,3 +413,57 @@ fn split_brain_writes_go_to_the_newest_timeline_and_health_says_so() {
         assert_eq!(port as u16, local.replicas()[0].port());
     }
 }
+
+#[test]
+fn failing_writes_ask_for_at_most_one_probe_round_per_100_ms() {
+    // Every statement a replica runs goes to its log: the probes are the
+    // ones that call pg_is_in_recovery().
+    let local = LocalCluster::builder()
+        .replicas(1)
+        .setting("log_statement", "'all'")
+        .start()
+        .unwrap();
+    let cluster = builder_for(&local)
+        .health_check_period(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let probes = || {
+        std::fs::read_to_string(local.replicas()[0].log_path())
+            .unwrap()
+            .matches("pg_is_in_recovery()")
+            .count()
+            / 3 // the probe names it three times
+    };
+    local.primary().kill().unwrap();
+    let before = probes();
+    let started = Instant::now();
+    let hammer = Duration::from_secs(2);
+    let failed: usize = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut n = 0;
+                    while started.elapsed() < hammer {
+                        assert!(cluster.execute("SELECT 1", &[]).is_err());
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).sum()
+    });
+    let elapsed = started.elapsed();
+    // The last round may still be writing its line.
+    wait_for("the last probe logged", Duration::from_secs(5), || {
+        probes() > before
+    });
+    let rounds = probes() - before;
+    let most = (elapsed.as_millis() / 100 + 2) as usize;
+    println!(
+        "{failed} failed writes in {elapsed:?} asked for {rounds} probe rounds (at most {most})"
+    );
+    assert!(failed > 1000, "only {failed} writes");
+    assert!(rounds >= 5, "{rounds} rounds: the writes did not ask");
+    assert!(rounds <= most, "{rounds} rounds in {elapsed:?}");
+}
