@@ -276,6 +276,7 @@ impl Cluster {
             nodes: Arc::new(Nodes {
                 nodes,
                 primary: AtomicUsize::new(configured_primary.unwrap_or(topology::NO_PRIMARY)),
+                primary_role: AtomicUsize::new(configured_primary.unwrap_or(topology::NO_PRIMARY)),
                 decisions: Mutex::default(),
                 nudge,
             }),
@@ -449,14 +450,15 @@ impl Cluster {
     /// `not`, else the fallback (the primary, or an error).
     pub(crate) fn reader(&self, not: Option<&Node>) -> Result<&Node> {
         let nodes = &self.inner.nodes.nodes;
-        let pick = self.inner.balancer.pick(nodes.len(), |i| {
-            let node = &nodes[i];
+        let (slots, slot) = self.inner.nodes.replica_slots();
+        let pick = self.inner.balancer.pick(slots, |k| {
+            let node = slot(k);
             node.info.role() == Role::Replica
                 && !not.is_some_and(|n| std::ptr::eq(n, node))
                 && self.eligible(node)
         });
         match (pick, self.inner.settings.read_fallback) {
-            (Some(i), _) => Ok(&nodes[i]),
+            (Some(k), _) => Ok(slot(k)),
             (None, ReadFallback::Primary) => match self.inner.nodes.primary() {
                 Some(node) => Ok(node),
                 None => {
@@ -691,12 +693,12 @@ impl Cluster {
 
     /// The eligible replica whose turn it is among those `also` accepts.
     pub(crate) fn replica_where(&self, also: impl Fn(&Node) -> bool) -> Option<&Node> {
-        let nodes = &self.inner.nodes.nodes;
-        let pick = self.inner.balancer.pick(nodes.len(), |i| {
-            let node = &nodes[i];
+        let (slots, slot) = self.inner.nodes.replica_slots();
+        let pick = self.inner.balancer.pick(slots, |k| {
+            let node = slot(k);
             node.info.role() == Role::Replica && self.eligible(node) && also(node)
         })?;
-        Some(&nodes[pick])
+        Some(slot(pick))
     }
 
     /// A streamed query routed as `route` says.

@@ -57,6 +57,10 @@ pub(crate) struct Nodes {
     /// The index of the primary in `nodes`, `topology::NO_PRIMARY` when
     /// none is known.
     pub(crate) primary: AtomicUsize,
+    /// The index of the node whose role is `Primary` (the primary, or the
+    /// last one while it is down), `topology::NO_PRIMARY` when none: the
+    /// balancer's turns skip it, so they are counted over the replicas.
+    pub(crate) primary_role: AtomicUsize,
     pub(crate) decisions: Mutex<crate::topology::Decisions>,
     /// Asks the monitor for a probe round now (capacity 1).
     pub(crate) nudge: crossbeam_channel::Sender<()>,

@@ -88,6 +88,17 @@ impl Nodes {
         (index < self.nodes.len()).then_some(index)
     }
 
+    /// The balancer's view of the replicas: how many turns there are, and
+    /// the node of each (every node but the one with the primary role).
+    #[inline]
+    pub(crate) fn replica_slots<'n>(&'n self) -> (usize, impl Fn(usize) -> &'n Node + 'n) {
+        let skip = self.primary_role.load(Acquire);
+        let n = self.nodes.len() - usize::from(skip < self.nodes.len());
+        (n, move |k: usize| {
+            &self.nodes[if k >= skip { k + 1 } else { k }]
+        })
+    }
+
     /// Asks the monitor for a probe round now. Requests coalesce: one
     /// round at a time per cluster, however many writes fail.
     pub(crate) fn nudge(&self) {
@@ -140,6 +151,12 @@ impl Nodes {
             };
             node.change_role(role);
         }
+        let primary_role = self
+            .nodes
+            .iter()
+            .position(|n| n.info.role() == Role::Primary)
+            .unwrap_or(NO_PRIMARY);
+        self.primary_role.store(primary_role, Release);
         if chosen != current {
             self.primary.store(chosen.unwrap_or(NO_PRIMARY), Release);
             match chosen {

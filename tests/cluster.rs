@@ -97,6 +97,21 @@ fn reads_spread_evenly_over_replicas_and_writes_hit_the_primary() {
 }
 
 #[test]
+fn the_first_two_reading_threads_take_the_two_replicas() {
+    // Turns are counted over the replicas, not over every node: the
+    // primary's place in the node list takes no turn.
+    let local = LocalCluster::start(2).unwrap();
+    let cluster = builder_for(&local).build().unwrap();
+    let mut ports: Vec<u16> = (0..2)
+        .map(|_| read_port_from_new_thread(&cluster))
+        .collect();
+    ports.sort_unstable();
+    let mut replicas: Vec<u16> = local.replicas().iter().map(|r| r.port()).collect();
+    replicas.sort_unstable();
+    assert_eq!(ports, replicas);
+}
+
+#[test]
 fn by_default_each_thread_stays_on_one_replica_and_threads_spread_evenly() {
     const THREADS: usize = 6;
     let local = LocalCluster::start(2).unwrap();
